@@ -1,0 +1,208 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, 2018).
+
+A user's item history `int32[B, L]` (LEFT-padded with 0) goes through an item
+embedding shared with the output layer, learned absolute positions, and
+`num_blocks` causal self-attention blocks with point-wise feed-forward layers,
+layer norm and dropout. The hidden state at position t summarises items 0..t
+and scores every item as the next one: `logits[b, t, i] = h[b, t] . E[i]`.
+
+Two block layouts are offered (`norm_first`):
+  * False (post-LN, RecBole's and BERT's): LN(emb) -> x = LN(x + Drop(Attn(x)));
+    x = LN(x + Drop(FFN(x))). The reference figures in ANCHORS.md use it.
+  * True (pre-LN, the original TensorFlow code's): x = x + Drop(Attn(LN(x)));
+    x = x + Drop(FFN(LN(x))); a final LN.
+Padding: keys at padded positions are masked out of attention and padded
+positions' outputs are zeroed, so real outputs never depend on padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecConfig:
+  num_items: int            # real items; ids 1..num_items, 0 = padding
+  max_len: int = 50         # history window L
+  hidden: int = 64          # D
+  num_blocks: int = 2
+  num_heads: int = 2
+  mlp_dim: int = 256
+  dropout: float = 0.5      # on embeddings and after attention / FFN
+  attn_dropout: float = 0.5  # on attention probabilities
+  activation: str = "gelu"  # "gelu" (RecBole) or "relu" (the paper)
+  norm_first: bool = False
+  layer_norm_eps: float = 1e-12
+  init_std: float = 0.02
+  scale_embeddings: bool = False  # multiply item embeddings by sqrt(D)
+  # Rows of the item table are padded to a multiple of this, so the table can
+  # be sharded along the item axis; padded rows are never scored.
+  item_table_multiple: int = 1
+  dtype: Any = jnp.float32
+
+  @property
+  def vocab(self) -> int:
+    """Rows of the item table: padding + items, rounded up to the multiple."""
+    m = self.item_table_multiple
+    return -(-(self.num_items + 1) // m) * m
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: SASRecConfig, name: str):
+  return nn.Dense(
+      features, dtype=cfg.dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.init_std), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+def _layer_norm(cfg: SASRecConfig, name: str):
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: SASRecConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    """x: float[B, L, D]; mask: bool[B, 1, L, L] (query, key) -> float[B, L, D]."""
+    cfg = self.cfg
+    head_dim = cfg.hidden // cfg.num_heads
+    qkv = nn.DenseGeneral(
+        (3, cfg.num_heads, head_dim), dtype=cfg.dtype, name="qkv",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std),
+            ("embed", None, "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(
+            nn.initializers.zeros, (None, "heads", "kv")))(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]      # [B, L, H, Dh]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(
+        cfg.dtype)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return nn.DenseGeneral(
+        cfg.hidden, axis=(-2, -1), dtype=cfg.dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(
+            nn.initializers.zeros, ("embed",)))(out)
+
+
+class FeedForward(nn.Module):
+  cfg: SASRecConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    """float[B, L, D] -> float[B, L, D]."""
+    cfg = self.cfg
+    act = {"gelu": lambda y: nn.gelu(y, approximate=False),
+           "relu": nn.relu}[cfg.activation]
+    h = act(_dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    return _dense(cfg.hidden, ("mlp", "embed"), cfg, "wo")(h)
+
+
+class Block(nn.Module):
+  cfg: SASRecConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    attn = CausalSelfAttention(cfg, name="attention")
+    ffn = FeedForward(cfg, name="mlp")
+    ln_attn = _layer_norm(cfg, "ln_attention")
+    ln_mlp = _layer_norm(cfg, "ln_mlp")
+    if cfg.norm_first:
+      x = x + drop(attn(ln_attn(x), mask, deterministic))
+      x = x + drop(ffn(ln_mlp(x), deterministic))
+    else:
+      x = ln_attn(x + drop(attn(x, mask, deterministic)))
+      x = ln_mlp(x + drop(ffn(x, deterministic)))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class SASRec(nn.Module):
+  """SASRec encoder; `__call__` returns hidden states, `score` item logits."""
+  cfg: SASRecConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.item_embedding = nn.Embed(
+        cfg.vocab, cfg.hidden, dtype=cfg.dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("items", "embed")))
+    self.position_embedding = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                     ("length", "embed")),
+        (cfg.max_len, cfg.hidden))
+    self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.num_blocks)]
+    self.ln_embed = _layer_norm(cfg, "ln_embed" if not cfg.norm_first
+                                else "ln_final")
+    self.dropout = nn.Dropout(cfg.dropout)
+
+  def __call__(self, item_ids: Array, *, deterministic: bool = True,
+               item_extra: Array | None = None, return_hidden: bool = False):
+    """int32[B, L] left-padded histories -> float[B, L, D] hidden states.
+
+    item_extra: optional float[B, L, D] added to the item embeddings (the
+      bridge's LLM-to-CRM knowledge plugs in here).
+    return_hidden: also return the list of every block's output, float[B, L, D].
+    """
+    cfg = self.cfg
+    length = item_ids.shape[1]
+    if length > cfg.max_len:
+      raise ValueError(f"history length {length} > max_len {cfg.max_len}")
+    valid = item_ids != 0                                        # [B, L]
+    x = self.item_embedding(item_ids)
+    if cfg.scale_embeddings:
+      x = x * jnp.sqrt(cfg.hidden).astype(x.dtype)
+    if item_extra is not None:
+      x = x + item_extra.astype(x.dtype)
+    x = x + self.position_embedding[None, cfg.max_len - length:].astype(x.dtype)
+    if not cfg.norm_first:
+      x = self.ln_embed(x)
+    x = self.dropout(x, deterministic=deterministic)
+    x = x * valid[..., None]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = (causal[None] & valid[:, None, :])[:, None]          # [B, 1, L, L]
+    hidden = []
+    for block in self.blocks:
+      x = block(x, mask, deterministic) * valid[..., None]
+      hidden.append(x)
+    if cfg.norm_first:
+      x = self.ln_embed(x) * valid[..., None]
+    return (x, hidden) if return_hidden else x
+
+  def item_table(self) -> Array:
+    """float[N + 1, D]: the (shared) item embeddings used for scoring."""
+    return self.item_embedding.embedding
+
+  def score(self, hidden: Array, item_table: Array | None = None) -> Array:
+    """float[..., D] -> float32[..., N + 1] logits over the whole catalogue."""
+    table = self.item_table() if item_table is None else item_table
+    table = table[:self.cfg.num_items + 1]
+    logits = jnp.einsum("...d,nd->...n", hidden, table.astype(hidden.dtype))
+    return logits.astype(jnp.float32)
+
+  def last_hidden(self, item_ids: Array) -> Array:
+    """int32[B, L] -> float[B, D]: the user state after the last item."""
+    return self(item_ids, deterministic=True)[:, -1]
+
+  def scores(self, item_ids: Array) -> Array:
+    """int32[B, L] histories -> float32[B, N + 1] next-item scores (eval)."""
+    return self.score(self.last_hidden(item_ids))

@@ -1,0 +1,87 @@
+"""Training windows and batches: coverage, determinism, per-process shares."""
+
+import numpy as np
+import pytest
+
+from recjax.data import pipeline
+
+# Three users' training sequences: lengths 7, 2, 1.
+ITEMS = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], np.int32)
+OFFSETS = np.array([0, 7, 9, 10])
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_every_target_exactly_once_with_its_history(stride):
+  ds, stats = pipeline.train_dataset(
+      ITEMS, OFFSETS, max_len=4, stride=stride, windows_per_user=0,
+      batch_size=3, num_epochs=1, seed=0)
+  seen = []
+  for _, b in pipeline.iterate_from(ds, 0):
+    for row in range(b["inputs"].shape[0]):
+      s = b["labels"].shape[1]
+      for j in range(s):
+        if b["mask"][row, j]:
+          label = b["labels"][row, j]
+          pos = 4 - s + j          # position of the label's last input
+          history = [x for x in b["inputs"][row, :pos + 1] if x]
+          seen.append((label, tuple(history)))
+  # Targets: items 2..7 (user 0) and 9 (user 1); user 2 has none.
+  assert sorted(l for l, _ in seen) == [2, 3, 4, 5, 6, 7, 9]
+  assert stats["num_targets_per_epoch"] == 7
+  for label, history in seen:
+    seq = [1, 2, 3, 4, 5, 6, 7] if label <= 7 else [8, 9]
+    t = seq.index(label)
+    expected = tuple(seq[max(0, t - 4):t])
+    # Each target sees >= max_len - stride + 1 items (or all it has).
+    assert history == expected[len(expected) - len(history):]
+    assert len(history) >= min(t, 4 - min(stride, 4) + 1)
+
+
+def test_windows_per_user_keeps_the_last_window():
+  ends, starts = pipeline.window_ends(OFFSETS, stride=4, windows_per_user=1)
+  np.testing.assert_array_equal(ends, [6, 8])
+  np.testing.assert_array_equal(starts, [0, 7])
+
+
+def test_order_is_a_function_of_seed_and_step():
+  kw = dict(max_len=4, stride=1, windows_per_user=0, batch_size=4,
+            num_epochs=3, seed=7)
+  a, _ = pipeline.train_dataset(ITEMS, OFFSETS, **kw)
+  b, _ = pipeline.train_dataset(ITEMS, OFFSETS, **kw)
+  full = [batch for _, batch in pipeline.iterate_from(a, 0)]
+  resumed = [batch for _, batch in pipeline.iterate_from(b, 2)]
+  for x, y in zip(full[2:], resumed, strict=True):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  c, _ = pipeline.train_dataset(ITEMS, OFFSETS, **{**kw, "seed": 8})
+  assert any(not np.array_equal(x["labels"], y["labels"])
+             for x, (_, y) in zip(full, pipeline.iterate_from(c, 0)))
+
+
+def test_epochs_reshuffle_and_nothing_is_dropped():
+  ds, stats = pipeline.train_dataset(
+      ITEMS, OFFSETS, max_len=4, stride=1, windows_per_user=0, batch_size=4,
+      num_epochs=3, seed=0)
+  # 7 windows x 3 epochs = 21 rows -> 6 batches, 3 padded rows at the end.
+  assert len(ds) == 6 and stats["padded_rows_in_last_batch"] == 3
+  labels = np.concatenate([b["labels"][b["mask"]] for _, b in
+                           pipeline.iterate_from(ds, 0)])
+  assert sorted(labels.tolist()) == sorted([2, 3, 4, 5, 6, 7, 9] * 3)
+  last = ds[5]
+  assert last["mask"].sum() == 1 and np.all(last["inputs"][1:] == 0)
+
+
+def test_process_shares_partition_the_global_batch():
+  kw = dict(max_len=4, stride=1, windows_per_user=0, batch_size=4,
+            num_epochs=2, seed=3)
+  full, _ = pipeline.train_dataset(ITEMS, OFFSETS, **kw)
+  p0, _ = pipeline.train_dataset(ITEMS, OFFSETS, process_index=0,
+                                 process_count=2, **kw)
+  p1, _ = pipeline.train_dataset(ITEMS, OFFSETS, process_index=1,
+                                 process_count=2, **kw)
+  for step in range(len(full)):
+    for k in ("inputs", "labels", "mask"):
+      np.testing.assert_array_equal(
+          np.concatenate([p0[step][k], p1[step][k]]), full[step][k])
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.train_dataset(ITEMS, OFFSETS, process_count=3, **kw)

@@ -1,0 +1,128 @@
+"""SASRec: shapes, logical axes, causality, padding invariance, losses."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recjax.models.sasrec import SASRec, SASRecConfig
+from recjax.train.sequential import SequentialTask
+
+CFG = SASRecConfig(num_items=30, max_len=12, hidden=16, num_blocks=2,
+                   num_heads=2, mlp_dim=32)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["postln", "preln"])
+def model_and_params(request):
+  cfg = SASRecConfig(**{**CFG.__dict__, "norm_first": request.param})
+  model = SASRec(cfg)
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  return model, nn.unbox(boxed)["params"], boxed["params"]
+
+
+def _histories(rng, batch, length, num_items, min_len=1):
+  out = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    n = rng.integers(min_len, length + 1)
+    out[b, length - n:] = rng.integers(1, num_items + 1, n)
+  return out
+
+
+def test_every_parameter_has_logical_axes(model_and_params):
+  _, params, boxed = model_and_params
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+  assert params["item_embedding"]["embedding"].shape == (31, 16)
+
+
+def test_output_shapes(model_and_params):
+  model, params, _ = model_and_params
+  ids = _histories(np.random.default_rng(0), 3, 12, 30)
+  hidden = model.apply({"params": params}, ids)
+  assert hidden.shape == (3, 12, 16)
+  scores = model.apply({"params": params}, ids, method=SASRec.scores)
+  assert scores.shape == (3, 31) and scores.dtype == jnp.float32
+
+
+def test_causality(model_and_params):
+  """The output at position t does not change when later items change."""
+  model, params, _ = model_and_params
+  rng = np.random.default_rng(1)
+  ids = _histories(rng, 4, 12, 30, min_len=12)
+  base = model.apply({"params": params}, ids)
+  for t in (0, 5, 10):
+    changed = ids.copy()
+    changed[:, t + 1:] = rng.integers(1, 31, changed[:, t + 1:].shape)
+    out = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-6)
+    assert not np.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-4)
+
+
+def test_padding_invariance(model_and_params):
+  """Real outputs ignore padding: its amount and the pad embedding row."""
+  model, params, _ = model_and_params
+  rng = np.random.default_rng(2)
+  ids = _histories(rng, 5, 8, 30)
+  short = model.apply({"params": params}, ids)
+  wide = np.concatenate([np.zeros((5, 4), np.int32), ids], axis=1)
+  long = model.apply({"params": params}, wide)[:, 4:]
+  real = ids != 0
+  np.testing.assert_allclose(np.asarray(long)[real], np.asarray(short)[real],
+                             atol=1e-5)
+  # Garbage in the padding embedding row changes nothing.
+  p2 = jax.tree.map(lambda x: x, params)
+  p2["item_embedding"]["embedding"] = params["item_embedding"][
+      "embedding"].at[0].set(100.0)
+  poked = model.apply({"params": p2}, ids)
+  np.testing.assert_allclose(np.asarray(poked)[real], np.asarray(short)[real],
+                             atol=1e-5)
+  assert np.all(np.asarray(poked)[~real] == 0)
+
+
+def test_dropout_is_active_only_in_training(model_and_params):
+  model, params, _ = model_and_params
+  ids = _histories(np.random.default_rng(3), 2, 12, 30)
+  det = model.apply({"params": params}, ids)
+  a = model.apply({"params": params}, ids, deterministic=False,
+                  rngs={"dropout": jax.random.key(1)})
+  b = model.apply({"params": params}, ids, deterministic=False,
+                  rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, det) and not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "bce"])
+def test_losses_match_reference(loss_type):
+  task = SequentialTask(CFG,
+                        loss_type=loss_type, num_negatives=3)
+  params = nn.unbox(task.init(jax.random.key(0)))
+  rng = np.random.default_rng(4)
+  inputs = _histories(rng, 4, 12, 30)
+  labels = rng.integers(1, 31, (4, 3)).astype(np.int32)
+  mask = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0]], bool)
+  batch = {"inputs": inputs, "labels": labels, "mask": mask}
+  key = jax.random.key(5)
+  loss, aux = task.loss(params, batch, key)
+  assert aux["num_targets"] == mask.sum()
+  # Reference with the same dropout / negatives.
+  dropout_rng, negative_rng = jax.random.split(key)
+  h = np.asarray(task.model.apply({"params": params}, inputs,
+                                  deterministic=False,
+                                  rngs={"dropout": dropout_rng}))[:, -3:]
+  table = np.asarray(params["item_embedding"]["embedding"])
+  logits = h @ table.T
+  if loss_type == "ce":
+    logits[..., 0] = -np.inf
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + \
+        logits.max(-1)
+    per = lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+  else:
+    negs = np.asarray(jax.random.randint(negative_rng, (4, 3, 3), 1, 31))
+    pos = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+    neg = np.take_along_axis(logits, negs, -1)
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    per = -np.log(sig(pos)) - np.log(1 - sig(neg)).sum(-1)
+  ref = (per * mask).sum() / mask.sum()
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)

@@ -13,6 +13,10 @@ Two block layouts are offered (`norm_first`):
     x = x + Drop(FFN(LN(x))); a final LN.
 Padding: keys at padded positions are masked out of attention and padded
 positions' outputs are zeroed, so real outputs never depend on padding.
+
+Layout: the blocks keep activations flattened to float[B*L, D] so every dense
+layer is a 2-D matmul; on the CPU, XLA's gradient of a 3-D input matmul (two
+contracted axes) is about 4x slower. Only attention reshapes to [B, L, H, Dh].
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from recjax.models.layers import Dropout
 
 Array = jax.Array
 
@@ -42,6 +48,7 @@ class SASRecConfig:
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   scale_embeddings: bool = False  # multiply item embeddings by sqrt(D)
+  dropout_impl: str = "hash"      # "hash" (fast) or "threefry"; layers.Dropout
   # Rows of the item table are padded to a multiple of this, so the table can
   # be sharded along the item axis; padded rows are never scored.
   item_table_multiple: int = 1
@@ -74,8 +81,9 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
-    """x: float[B, L, D]; mask: bool[B, 1, L, L] (query, key) -> float[B, L, D]."""
+    """x: float[B*L, D]; mask: bool[B, 1, L, L] (query, key) -> float[B*L, D]."""
     cfg = self.cfg
+    batch, length = mask.shape[0], mask.shape[-1]
     head_dim = cfg.hidden // cfg.num_heads
     qkv = nn.DenseGeneral(
         (3, cfg.num_heads, head_dim), dtype=cfg.dtype, name="qkv",
@@ -84,13 +92,15 @@ class CausalSelfAttention(nn.Module):
             ("embed", None, "heads", "kv")),
         bias_init=nn.with_logical_partitioning(
             nn.initializers.zeros, (None, "heads", "kv")))(x)
+    qkv = qkv.reshape(batch, length, 3, cfg.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]      # [B, L, H, Dh]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(
         cfg.dtype)
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
-    probs = nn.Dropout(cfg.attn_dropout)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.attn_dropout, cfg.dropout_impl)(probs, deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = out.reshape(batch * length, cfg.num_heads, head_dim)
     return nn.DenseGeneral(
         cfg.hidden, axis=(-2, -1), dtype=cfg.dtype, name="out",
         kernel_init=nn.with_logical_partitioning(
@@ -104,13 +114,14 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
-    """float[B, L, D] -> float[B, L, D]."""
+    """float[B*L, D] -> float[B*L, D]."""
     cfg = self.cfg
     act = {"gelu": lambda y: nn.gelu(y, approximate=False),
+           "gelu_tanh": lambda y: nn.gelu(y, approximate=True),
            "relu": nn.relu}[cfg.activation]
     h = act(_dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x))
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    h = nn.with_logical_constraint(h, ("batch", "mlp"))
+    h = Dropout(cfg.dropout, cfg.dropout_impl)(h, deterministic)
     return _dense(cfg.hidden, ("mlp", "embed"), cfg, "wo")(h)
 
 
@@ -119,8 +130,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    """x: float[B*L, D] -> float[B*L, D]."""
     cfg = self.cfg
-    drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    drop = lambda y: Dropout(cfg.dropout, cfg.dropout_impl)(y, deterministic)
     attn = CausalSelfAttention(cfg, name="attention")
     ffn = FeedForward(cfg, name="mlp")
     ln_attn = _layer_norm(cfg, "ln_attention")
@@ -131,7 +143,7 @@ class Block(nn.Module):
     else:
       x = ln_attn(x + drop(attn(x, mask, deterministic)))
       x = ln_mlp(x + drop(ffn(x, deterministic)))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "embed"))
 
 
 class SASRec(nn.Module):
@@ -152,7 +164,7 @@ class SASRec(nn.Module):
     self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.num_blocks)]
     self.ln_embed = _layer_norm(cfg, "ln_embed" if not cfg.norm_first
                                 else "ln_final")
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = Dropout(cfg.dropout, cfg.dropout_impl)
 
   def __call__(self, item_ids: Array, *, deterministic: bool = True,
                item_extra: Array | None = None, return_hidden: bool = False):
@@ -176,16 +188,20 @@ class SASRec(nn.Module):
     if not cfg.norm_first:
       x = self.ln_embed(x)
     x = self.dropout(x, deterministic=deterministic)
-    x = x * valid[..., None]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    batch = item_ids.shape[0]
+    keep = valid.reshape(batch * length, 1)
+    x = x.reshape(batch * length, cfg.hidden) * keep              # [B*L, D]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = (causal[None] & valid[:, None, :])[:, None]          # [B, 1, L, L]
+    unflat = lambda y: y.reshape(batch, length, cfg.hidden)
     hidden = []
     for block in self.blocks:
-      x = block(x, mask, deterministic) * valid[..., None]
-      hidden.append(x)
+      x = block(x, mask, deterministic) * keep
+      hidden.append(unflat(x))
     if cfg.norm_first:
-      x = self.ln_embed(x) * valid[..., None]
+      x = self.ln_embed(x) * keep
+    x = unflat(x)
     return (x, hidden) if return_hidden else x
 
   def item_table(self) -> Array:
@@ -196,8 +212,10 @@ class SASRec(nn.Module):
     """float[..., D] -> float32[..., N + 1] logits over the whole catalogue."""
     table = self.item_table() if item_table is None else item_table
     table = table[:self.cfg.num_items + 1]
-    logits = jnp.einsum("...d,nd->...n", hidden, table.astype(hidden.dtype))
-    return logits.astype(jnp.float32)
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])       # 2-D matmul (see top)
+    logits = flat @ table.astype(hidden.dtype).T
+    return logits.reshape(*lead, table.shape[0]).astype(jnp.float32)
 
   def last_hidden(self, item_ids: Array) -> Array:
     """int32[B, L] -> float[B, D]: the user state after the last item."""

@@ -1,0 +1,37 @@
+"""The counter-hash dropout: rate, determinism, scaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recjax.models import layers
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_keep_fraction_matches_rate(rate):
+  keep = np.asarray(layers.hash_keep_mask(jax.random.key(0), (200, 500), rate))
+  assert abs(keep.mean() - (1 - rate)) < 0.005
+  # No visible structure along either axis.
+  assert np.abs(keep.mean(0) - (1 - rate)).max() < 0.15
+  assert np.abs(keep.mean(1) - (1 - rate)).max() < 0.1
+
+
+def test_mask_is_a_function_of_rng_and_shape():
+  a = layers.hash_keep_mask(jax.random.key(1), (64, 64), 0.5)
+  b = layers.hash_keep_mask(jax.random.key(1), (64, 64), 0.5)
+  c = layers.hash_keep_mask(jax.random.key(2), (64, 64), 0.5)
+  np.testing.assert_array_equal(a, b)
+  assert 0.4 < np.mean(np.asarray(a) != np.asarray(c)) < 0.6
+
+
+@pytest.mark.parametrize("impl", ["hash", "threefry"])
+def test_dropout_scales_kept_values(impl):
+  x = jnp.ones((100, 100))
+  y = layers.Dropout(0.25, impl).apply({}, x, False,
+                                       rngs={"dropout": jax.random.key(3)})
+  vals = np.unique(np.asarray(y))
+  np.testing.assert_allclose(sorted(vals), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(float(y.mean()) - 1.0) < 0.03
+  np.testing.assert_array_equal(
+      layers.Dropout(0.25, impl).apply({}, x, True), x)

@@ -38,11 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mlp_dim = 256
   c.model.dropout = 0.5
   c.model.attn_dropout = 0.5
+  c.model.mlp_dropout = 0.0               # inside the FFN (RecBole: none)
   c.model.activation = "gelu"
   c.model.norm_first = False              # post-LN as RecBole
   c.model.layer_norm_eps = 1e-12
   c.model.init_std = 0.02
   c.model.scale_embeddings = False
+  c.model.position_mode = "from_end"      # or "from_start" (RecBole)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.type = "ce"                      # "ce" (full softmax) or "bce"
@@ -53,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 1 = every target with its own full history; max_len = the paper's windows.
   c.input.stride = 10
   c.input.windows_per_user = 0            # 0 = all windows; 1 = paper's last
-  c.input.batch_size = 128                # windows per step
+  c.input.batch_size = 32                 # windows per step
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -66,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 0.0                 # 0 = off
+  c.optim.ema_decay = 0.0                 # > 0: evaluate a moving average
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 20

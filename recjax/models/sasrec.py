@@ -1,7 +1,10 @@
 """SASRec: self-attentive sequential recommendation (Kang & McAuley, 2018).
 
 A user's item history `int32[B, L]` (LEFT-padded with 0) goes through an item
-embedding shared with the output layer, learned absolute positions, and
+embedding shared with the output layer, learned positions (by default counted
+back from the end of the window, so the most recent item always has the same
+position; `position_mode="from_start"` counts from the first real item, as
+RecBole does; on ML-100K "from_end" validated better), and
 `num_blocks` causal self-attention blocks with point-wise feed-forward layers,
 layer norm and dropout. The hidden state at position t summarises items 0..t
 and scores every item as the next one: `logits[b, t, i] = h[b, t] . E[i]`.
@@ -43,12 +46,18 @@ class SASRecConfig:
   mlp_dim: int = 256
   dropout: float = 0.5      # on embeddings and after attention / FFN
   attn_dropout: float = 0.5  # on attention probabilities
+  mlp_dropout: float = 0.0  # inside the FFN, after the activation (the
+                            # original code uses `dropout`; RecBole none)
   activation: str = "gelu"  # "gelu" (RecBole) or "relu" (the paper)
   norm_first: bool = False
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   scale_embeddings: bool = False  # multiply item embeddings by sqrt(D)
   dropout_impl: str = "hash"      # "hash" (fast) or "threefry"; layers.Dropout
+  # Learned positions counted "from_start" (the first real item of the window
+  # is position 0, as RecBole) or "from_end" (the last slot is max_len - 1,
+  # as the original code, where the left padding fixes the positions).
+  position_mode: str = "from_end"
   # Rows of the item table are padded to a multiple of this, so the table can
   # be sharded along the item axis; padded rows are never scored.
   item_table_multiple: int = 1
@@ -121,7 +130,7 @@ class FeedForward(nn.Module):
            "relu": nn.relu}[cfg.activation]
     h = act(_dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x))
     h = nn.with_logical_constraint(h, ("batch", "mlp"))
-    h = Dropout(cfg.dropout, cfg.dropout_impl)(h, deterministic)
+    h = Dropout(cfg.mlp_dropout, cfg.dropout_impl)(h, deterministic)
     return _dense(cfg.hidden, ("mlp", "embed"), cfg, "wo")(h)
 
 
@@ -184,7 +193,7 @@ class SASRec(nn.Module):
       x = x * jnp.sqrt(cfg.hidden).astype(x.dtype)
     if item_extra is not None:
       x = x + item_extra.astype(x.dtype)
-    x = x + self.position_embedding[None, cfg.max_len - length:].astype(x.dtype)
+    x = x + self._positions(valid).astype(x.dtype)
     if not cfg.norm_first:
       x = self.ln_embed(x)
     x = self.dropout(x, deterministic=deterministic)
@@ -203,6 +212,17 @@ class SASRec(nn.Module):
       x = self.ln_embed(x) * keep
     x = unflat(x)
     return (x, hidden) if return_hidden else x
+
+  def _positions(self, valid: Array) -> Array:
+    """bool[B, L] (left-padded) -> float[B, L, D] position embeddings."""
+    cfg, length = self.cfg, valid.shape[1]
+    if cfg.position_mode == "from_end":
+      return self.position_embedding[None, cfg.max_len - length:]
+    if cfg.position_mode == "from_start":
+      index = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)     # [B, L]
+      return jnp.take(self.position_embedding, index, axis=0)
+    raise ValueError(f"position_mode: unknown {cfg.position_mode!r} "
+                     "(from_start, from_end)")
 
   def item_table(self) -> Array:
     """float[N + 1, D]: the (shared) item embeddings used for scoring."""

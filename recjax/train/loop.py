@@ -132,8 +132,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   tx = optim_lib.make_optimizer(config.optim, num_steps)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  ema_decay = config.optim.get("ema_decay", 0.0)
   state, state_sharding = state_lib.create_train_state(
-      task.init, tx, mesh, config.mesh.rules, init_rng)
+      task.init, tx, mesh, config.mesh.rules, init_rng, ema=ema_decay > 0)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=config.train.async_checkpoints)
   meta = LoopMeta()
   if ckpt.latest_step() is not None:
@@ -143,7 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", workdir, int(state.step))
   start_step = int(state.step)
 
-  train_step = step_lib.make_train_step(task.loss, tx, state_sharding, mesh)
+  train_step = step_lib.make_train_step(task.loss, tx, state_sharding, mesh,
+                                        ema_decay=ema_decay)
   evaluators = build_evaluators(config, task, data, mesh)
   popularity = data.item_popularity()
   monitor_name = f"valid/{config.eval.protocols[0].name}"
@@ -183,7 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.set_postfix(loss=f"{avg['train/loss']:.4f}",
                       best=f"{max(meta.best_value, 0):.4f}")
       if is_eval:
-        res = run_evaluators(evaluators, state.params, [monitor_name],
+        res = run_evaluators(evaluators, state.eval_params(), [monitor_name],
                              popularity, config.seed)[monitor_name]
         value = res[monitor_key]
         writer.write(done, {f"{monitor_name}/{k}": v for k, v in res.items()
@@ -194,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if value > meta.best_value:
           meta.best_value, meta.best_step = float(value), done
           meta.evals_without_improvement = 0
-          ckpt.save_best(done, state.params, {"step": done, **{
+          ckpt.save_best(done, state.eval_params(), {"step": done, **{
               k: v for k, v in res.items() if isinstance(v, (int, float))}})
         else:
           meta.evals_without_improvement += 1

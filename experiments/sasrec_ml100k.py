@@ -59,9 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
-  c.optim.lr = 1e-3
-  c.optim.schedule = "constant"           # constant | cosine | linear
-  c.optim.warmup_steps = 0
+  c.optim.lr = 2e-3
+  c.optim.schedule = "cosine"             # constant | cosine | linear
+  c.optim.warmup_steps = 200
   c.optim.final_lr_fraction = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.ema_decay = 0.0                 # > 0: evaluate a moving average
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_epochs = 20
+  c.train.num_epochs = 12
   c.train.eval_every_steps = 0            # 0 = once per epoch
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 200

@@ -90,3 +90,19 @@ def test_step_is_a_pure_function_of_state_batch_rng():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(a.step) == 3
+
+
+def test_ema_params_follow_the_params():
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  task = SequentialTask(CFG)
+  tx = optimizer.make_optimizer(OPTIM, 10)
+  state, sharding = state_lib.create_train_state(
+      task.init, tx, mesh, "dp", jax.random.key(0), ema=True)
+  init = jax.tree.map(np.asarray, state.params)
+  step = step_lib.make_train_step(task.loss, tx, sharding, mesh, ema_decay=0.9)
+  state, _ = step(state, shd.global_batch(_batches(1)[0], mesh),
+                  jax.random.key(1))
+  for e, p, p0 in zip(jax.tree.leaves(state.ema_params),
+                      jax.tree.leaves(state.params), jax.tree.leaves(init)):
+    np.testing.assert_allclose(e, p0 + 0.1 * (np.asarray(p) - p0), atol=1e-6)
+  assert state.eval_params() is state.ema_params

@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 0.0                 # 0 = off
-  c.optim.ema_decay = 0.0                 # > 0: evaluate a moving average
+  c.optim.ema_decay = 0.998               # > 0: evaluate a moving average
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 12

@@ -1,0 +1,215 @@
+r"""Train-step time: recjax T5 (one jitted, donated step) vs transformers' PyTorch T5.
+
+Both sides train the same architecture from the same random weights (the PyTorch model is
+converted with `recjax.convert`) on the same random batch: float32, AdamW, cross-entropy
+over the target tokens, dropout as configured (on by default, like training). Each side
+runs `--warmup` steps, then times `--steps` steps one by one; the table shows the median.
+
+Run (CPU; a quiet machine, nothing else running):
+  . .venv/bin/activate
+  python experiments/bench_t5_step.py --shape flan-t5-small --out /tmp/bench_t5_step.json
+  python experiments/bench_t5_step.py --shape tiny --out /tmp/bench_t5_tiny.json
+
+Shapes: flan-t5-small = d_model 512, d_ff 1024, 8+8 layers, 6 heads, vocab 32128;
+tiny = d_model 128, d_ff 256, 2+2 layers, 4 heads, vocab 4096. Batch 8, source 128,
+target 32.
+
+Hardware and expected result: 2-core Intel Xeon (Sapphire Rapids, AVX-512) VM, 23 GB.
+PyTorch 2.13 reference: about 1.5 s/step (flan-t5-small) and 0.08 s/step (tiny). Goal:
+recjax at least 1.5x faster. Measured numbers are in the docstring's sibling JSON written
+with --out and in the final report of the issue; the CPU was shared when they were taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# T5Config fields of the benchmarked shapes (flan-t5-small = the preset).
+SHAPES = {
+    "flan-t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+                          num_heads=6),
+    "tiny": dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4),
+}
+
+
+def make_batch(cfg: T5Config, batch: int, source_len: int, target_len: int, seed: int = 0):
+  """Random tokens with some right padding in both source and target."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(2, cfg.vocab_size, (batch, source_len)).astype(np.int32)
+  targets = rng.integers(2, cfg.vocab_size, (batch, target_len)).astype(np.int32)
+  src_len = rng.integers(source_len // 2, source_len + 1, batch)
+  tgt_len = rng.integers(target_len // 2, target_len + 1, batch)
+  input_mask = (np.arange(source_len)[None] < src_len[:, None]).astype(np.int32)
+  target_mask = (np.arange(target_len)[None] < tgt_len[:, None]).astype(np.int32)
+  decoder_inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+  return dict(inputs=inputs, input_mask=input_mask, decoder_inputs=decoder_inputs,
+              targets=targets, target_mask=target_mask)
+
+
+def build_torch(cfg: T5Config, seed: int = 0):
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  hf = transformers.T5Config(
+      vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
+      num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+      num_heads=cfg.num_heads, feed_forward_proj=cfg.feed_forward_proj,
+      dropout_rate=cfg.dropout_rate, tie_word_embeddings=cfg.tie_word_embeddings,
+      decoder_start_token_id=0)
+  model = transformers.T5ForConditionalGeneration(hf)
+  if not cfg.tie_word_embeddings:
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))
+  return model
+
+
+def time_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+  """Wall and process-CPU seconds of each timed step."""
+  for _ in range(warmup):
+    step_fn()
+  times, cpu = [], []
+  for _ in range(steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    step_fn()
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return times, cpu
+
+
+def _summary(times, cpu, **extra) -> dict:
+  return dict(median_s=statistics.median(times), times_s=times,
+              median_cpu_s=statistics.median(cpu), cpu_s=cpu, **extra)
+
+
+def bench_jax(module, params, batch, args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  tx = optax.adamw(args.learning_rate, weight_decay=0.01)
+  params = jax.tree.map(jnp.asarray, params)
+  state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+  batch = jax.tree.map(jnp.asarray, batch)
+
+  def loss_fn(params, batch, rng):
+    logits = module.apply({"params": params}, batch["inputs"], batch["decoder_inputs"],
+                          batch["input_mask"], batch["target_mask"], deterministic=False,
+                          rngs={"dropout": rng})
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["target_mask"].astype(jnp.float32)
+    return jnp.sum(losses * weights) / jnp.sum(weights)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, batch, rng):
+    params, opt_state, n = state
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(rng, n))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, n + 1), loss
+
+  rng = jax.random.key(0, impl=args.prng_impl)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def run():
+    holder["state"], loss = compiled(holder["state"], batch, rng)
+    holder["loss"] = float(loss)
+
+  times, cpu = time_steps(run, args.warmup, args.steps)
+  return _summary(times, cpu, compile_s=compile_s, last_loss=holder["loss"])
+
+
+def bench_torch(model, batch, args) -> dict:
+  import torch
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
+  b = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+  labels = b["targets"].masked_fill(b["target_mask"] == 0, -100)
+  holder = {}
+
+  def run():
+    out = model(input_ids=b["inputs"], attention_mask=b["input_mask"],
+                decoder_input_ids=b["decoder_inputs"], decoder_attention_mask=b["target_mask"],
+                labels=labels)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    holder["loss"] = out.loss.item()
+
+  times, cpu = time_steps(run, args.warmup, args.steps)
+  return _summary(times, cpu, last_loss=holder["loss"], threads=torch.get_num_threads())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="flan-t5-small")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--source_len", type=int, default=128)
+  parser.add_argument("--target_len", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--dropout_rate", type=float, default=0.1)
+  parser.add_argument("--learning_rate", type=float, default=1e-4)
+  parser.add_argument("--prng_impl", default="rbg",
+                      help="jax PRNG for dropout: rbg (fast on CPU) or threefry2x32")
+  parser.add_argument("--backends", default="jax,torch")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="1: single-threaded XLA and PyTorch (with `taskset -c 0`, a "
+                           "comparison that survives a shared CPU); 0: library defaults")
+  parser.add_argument("--out", default="/tmp/bench_t5_step.json")
+  args = parser.parse_args()
+  if args.threads == 1:  # Before the first JAX computation creates the CPU client.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+  elif args.threads:
+    parser.error("--threads must be 0 or 1")
+  import torch
+  import jax
+  from recjax.convert import load_t5_from_hf
+  from recjax.models.t5 import T5Config
+  if args.threads:
+    torch.set_num_threads(args.threads)
+
+  cfg = T5Config(**SHAPES[args.shape], dropout_rate=args.dropout_rate)
+  batch = make_batch(cfg, args.batch, args.source_len, args.target_len)
+  torch_model = build_torch(cfg)
+  with tempfile.TemporaryDirectory() as tmp:
+    torch_model.save_pretrained(tmp)
+    module, params = load_t5_from_hf(tmp, dropout_rate=args.dropout_rate)
+  results = {}
+  backends = args.backends.split(",")
+  if "jax" in backends:
+    results["recjax"] = bench_jax(module, params, batch, args)
+  if "torch" in backends:
+    results["pytorch"] = bench_torch(torch_model, batch, args)
+
+  print(f"\nT5 train step, shape={args.shape} batch={args.batch} source={args.source_len} "
+        f"target={args.target_len} float32 AdamW dropout={args.dropout_rate}")
+  print(f"{'backend':<10}{'median s/step':>15}{'min':>10}{'max':>10}{'cpu s/step':>12}"
+        f"{'loss':>10}")
+  for name, r in results.items():
+    print(f"{name:<10}{r['median_s']:>15.4f}{min(r['times_s']):>10.4f}"
+          f"{max(r['times_s']):>10.4f}{r['median_cpu_s']:>12.3f}{r['last_loss']:>10.4f}")
+  if len(results) == 2:
+    speedup = results["pytorch"]["median_s"] / results["recjax"]["median_s"]
+    print(f"speed-up recjax vs pytorch: {speedup:.2f}x")
+    results["speedup"] = speedup
+  results["meta"] = dict(vars(args), cpu_count=os.cpu_count(), machine=platform.processor() or
+                         platform.machine(), jax=jax.__version__, torch=torch.__version__,
+                         python=sys.version.split()[0], load_average=os.getloadavg())
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

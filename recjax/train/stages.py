@@ -1,0 +1,85 @@
+"""Training schedules as data: stages of loss weights and trainable towers.
+
+A stage never changes the compiled step: `controls(stage)` yields the same pytree structure
+and dtypes for every stage (see `joint_task.stage_controls`). `data` names the subset the
+loop should feed in that stage (the loop decides what the names mean).
+
+CoReLLa (Xi et al., arXiv 2403.16378), three stages:
+  S1 CRM alone on all data (b=1); S2 joint on a small random subset (a=b=1, g=0.1, the
+  layer-wise alignment); S3 LLM alone on another subset (a=1). The bridge trains with the
+  LLM in S3 (it holds the LLM's item head).
+DELRec (arXiv 2406.11156), two stages:
+  S1 distil the CRM into the soft prompts: CRM and T5 frozen, the bridge (soft prompts,
+  item head) trained on the next item (L_llm) and on the teacher's distribution (L_kl with
+  the CRM side stop-gradient); S2 soft prompts (bridge) and CRM frozen, T5 tuned on L_llm.
+  (The paper's dynamic gradient-norm weighting of its two stage-1 tasks and its LoRA
+  adapters are not implemented: fixed weights, full T5 fine-tuning.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from recjax.train.joint_task import stage_controls
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  fraction: float                      # share of the total training steps
+  weights: Mapping[str, float]         # {"crm", "llm", "kl", "layer"}; missing = 0
+  trainable: Mapping[str, bool]        # {"crm", "llm", "bridge"}; missing = frozen
+  data: str = "all"                    # which data subset the loop feeds
+
+
+SCHEDULES: dict[str, tuple[Stage, ...]] = {
+    "corella": (
+        Stage("s1_crm", 0.4, {"crm": 1.0},
+              {"crm": True}, data="all"),
+        Stage("s2_joint", 0.3, {"crm": 1.0, "llm": 1.0, "layer": 0.1},
+              {"crm": True, "llm": True, "bridge": True}, data="subset_a"),
+        Stage("s3_llm", 0.3, {"llm": 1.0},
+              {"llm": True, "bridge": True}, data="subset_b"),
+    ),
+    "delrec": (
+        Stage("s1_distil", 0.5, {"llm": 1.0, "kl": 1.0},
+              {"bridge": True}),
+        Stage("s2_tune", 0.5, {"llm": 1.0},
+              {"llm": True}),
+    ),
+    # Everything at once (the BDLM-style joint objective).
+    "joint": (
+        Stage("joint", 1.0, {"crm": 1.0, "llm": 1.0, "kl": 0.1, "layer": 0.1},
+              {"crm": True, "llm": True, "bridge": True}),
+    ),
+}
+
+
+def get_schedule(name_or_stages: str | Sequence[Stage]) -> tuple[Stage, ...]:
+  if isinstance(name_or_stages, str):
+    if name_or_stages not in SCHEDULES:
+      raise ValueError(f"unknown schedule {name_or_stages!r}; known {sorted(SCHEDULES)}")
+    return SCHEDULES[name_or_stages]
+  return tuple(name_or_stages)
+
+
+def stage_boundaries(stages: Sequence[Stage], num_steps: int) -> list[int]:
+  """First step of each stage (the last stage runs to `num_steps`)."""
+  total = sum(s.fraction for s in stages)
+  starts, acc = [], 0.0
+  for s in stages:
+    starts.append(int(round(acc / total * num_steps)))
+    acc += s.fraction
+  return starts
+
+
+def stage_at(stages: Sequence[Stage], step: int, num_steps: int) -> Stage:
+  starts = stage_boundaries(stages, num_steps)
+  index = max(i for i, start in enumerate(starts) if start <= step)
+  return stages[index]
+
+
+def controls(stage: Stage, catalogue: dict | None = None) -> dict:
+  """The step's controls for a stage (same structure and dtypes for every stage)."""
+  return stage_controls(dict(stage.weights), dict(stage.trainable), catalogue)

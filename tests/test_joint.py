@@ -1,0 +1,138 @@
+"""The joint objective and step: gradients reach every tower, frozen towers stay bitwise
+unchanged, stages switch without recompiling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recjax import sharding as shd
+from recjax.train import joint_step
+from recjax.train import stages
+from recjax.train.joint_task import JointTask, kl_divergence, stage_controls
+
+import joint_testing as jt
+
+ALL_ON = {"crm": 1.0, "llm": 1.0, "kl": 0.5, "layer": 0.3}
+ALL_TRAIN = {"crm": True, "llm": True, "bridge": True}
+
+
+def _np(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def test_gradients_reach_every_tower_and_leaf(staged_run):
+  task = JointTask(jt.CONFIG, kl_stop_grad="none")
+  params = staged_run[1][0][1].params          # the initial parameters
+  controls = stage_controls(ALL_ON, ALL_TRAIN, jt.catalogue())
+  grad_fn = jt.jit(jax.grad(task.loss, has_aux=True))
+  grads, metrics = grad_fn(params, jt.batch(), jax.random.key(1), controls)
+  for term in ("crm", "llm", "kl", "layer"):
+    assert float(metrics[f"loss_{term}"]) > 0, term
+  assert set(grads) == {"crm", "llm", "bridge"}
+  zero = [jax.tree_util.keystr(path) for path, g in
+          jax.tree_util.tree_leaves_with_path(grads) if not np.any(np.asarray(g))]
+  # The item head replaces T5's token head (lm_head unused), and the decoder runs one
+  # step, where self-attention over a single key is constant (q, k, its position bias).
+  attn = "['llm']['decoder']['block_0']['layer_0']['SelfAttention']"
+  assert sorted(zero) == sorted([
+      "['llm']['lm_head']['kernel']", f"{attn}['q']['kernel']", f"{attn}['k']['kernel']",
+      f"{attn}['relative_attention_bias']['embedding']"]), zero
+
+
+def test_kl_direction_and_stop_gradient():
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  mask = jnp.array([True, True, False])
+  fwd, n = kl_divergence(a, b, mask, direction="crm_llm", stop_grad="none")
+  rev, _ = kl_divergence(a, b, mask, direction="llm_crm", stop_grad="none")
+  p = jax.nn.softmax(a[:, 1:]); q = jax.nn.softmax(b[:, 1:])
+  ref = np.sum(p * (np.log(p) - np.log(q)), -1)[:2].sum()
+  np.testing.assert_allclose(float(fwd), ref, rtol=1e-5)
+  assert float(n) == 2 and abs(float(rev) - float(fwd)) > 1e-4
+  self_kl, _ = kl_divergence(a, a, mask)
+  assert abs(float(self_kl)) < 1e-6
+  ga = jax.grad(lambda x: kl_divergence(x, b, mask, stop_grad="crm")[0])(a)
+  gb = jax.grad(lambda y: kl_divergence(a, y, mask, stop_grad="crm")[0])(b)
+  assert not np.any(np.asarray(ga)) and np.any(np.asarray(gb))
+  assert not np.any(np.asarray(gb)[2])   # masked row
+
+
+@pytest.fixture(scope="module")
+def staged_run():
+  """One compiled step, driven through the CoReLLa stages and a frozen-CRM stage."""
+  task = JointTask(jt.CONFIG)
+  traces = []
+
+  def loss_fn(params, batch, rng, controls):
+    traces.append(1)
+    return task.loss(params, batch, rng, controls)
+
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tx = joint_step.make_joint_optimizer(jt.OPTIM, 100)
+  state, sharding = joint_step.create_joint_train_state(
+      task.init, tx, mesh, "dp", jax.random.key(0), compiler_options=jt.FAST_COMPILE)
+  step = joint_step.make_joint_train_step(loss_fn, tx, sharding, mesh,
+                                          compiler_options=jt.FAST_COMPILE)
+  catalogue = jt.catalogue()
+  history = [("init", _np(state), None)]
+  plan = [stages.controls(s, catalogue) for s in stages.SCHEDULES["corella"]]
+  plan += [stages.controls(stages.SCHEDULES["joint"][0], catalogue)]
+  plan += [stages.controls(s, catalogue) for s in stages.SCHEDULES["delrec"]]
+  for i, controls in enumerate(plan):
+    state, metrics = step(state, shd.global_batch(jt.batch(i), mesh), jax.random.key(1),
+                          controls)
+    history.append((i, _np(state), _np(metrics)))
+  return plan, history, traces
+
+
+def test_stages_do_not_recompile(staged_run):
+  plan, history, traces = staged_run
+  assert len(plan) == 6
+  assert len(traces) == 1, f"step traced {len(traces)} times"
+
+
+def test_frozen_towers_are_bitwise_unchanged(staged_run):
+  plan, history, _ = staged_run
+  for k, controls in enumerate(plan):
+    before, after, metrics = history[k][1], history[k + 1][1], history[k + 1][2]
+    for tower in ("crm", "llm", "bridge"):
+      same_params = jax.tree.leaves(jax.tree.map(
+          lambda a, b: np.array_equal(a, b), before.params[tower], after.params[tower]))
+      same_opt = jax.tree.leaves(jax.tree.map(
+          lambda a, b: np.array_equal(a, b), before.opt_state[tower],
+          after.opt_state[tower]))
+      if bool(controls["trainable"][tower]):
+        assert not all(same_params), (k, tower)
+        assert metrics[f"update_norm/{tower}"] > 0
+      else:
+        assert all(same_params) and all(same_opt), (k, tower)
+        assert metrics[f"update_norm/{tower}"] == 0
+
+
+def test_metrics_report_every_term_and_tower(staged_run):
+  plan, history, _ = staged_run
+  metrics = history[4][2]      # the "joint" stage: every weight non-zero
+  for term in ("crm", "llm", "kl", "layer"):
+    assert np.isfinite(metrics[f"loss_{term}"]) and metrics[f"loss_{term}"] > 0
+    assert metrics[f"weight_{term}"] == float(plan[3]["weights"][term])
+  for tower in ("crm", "llm", "bridge"):
+    assert metrics[f"grad_norm/{tower}"] > 0
+  total = sum(metrics[f"weight_{t}"] * metrics[f"loss_{t}"]
+              for t in ("crm", "llm", "kl", "layer"))
+  np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
+
+
+def test_schedules_are_data():
+  for name, schedule in stages.SCHEDULES.items():
+    starts = stages.stage_boundaries(schedule, 100)
+    assert starts[0] == 0 and starts == sorted(starts), name
+    assert stages.stage_at(schedule, 99, 100) is schedule[-1]
+    structure = {jax.tree.structure(stages.controls(s)) for s in schedule}
+    assert len(structure) == 1
+  corella = stages.SCHEDULES["corella"]
+  assert [dict(s.weights) for s in corella] == [
+      {"crm": 1.0}, {"crm": 1.0, "llm": 1.0, "layer": 0.1}, {"llm": 1.0}]
+  with pytest.raises(ValueError, match="unknown loss weights"):
+    stage_controls({"crm": 1.0, "typo": 1.0}, {})

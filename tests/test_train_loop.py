@@ -159,4 +159,12 @@ def test_every_config_file_loads():
   assert configs
   for path in configs:
     config = load_config_file(path)
-    assert config.model and config.train and config.eval, path
+    assert config.data and config.train and config.optim and config.mesh, path
+    spec = importlib.util.spec_from_file_location("doc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__doc__ and len(module.__doc__) > 100, path   # says what it runs
+  # The runnable ones build their task from the config.
+  sasrec = load_config_file(BASE_CONFIG)
+  task = loop.build_task(sasrec, num_items=10)
+  assert task.model_cfg.max_len == sasrec.model.max_len

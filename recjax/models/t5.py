@@ -246,7 +246,7 @@ class T5(nn.Module):
     self.encoder = T5Stack(cfg, is_decoder=False)
     self.decoder = T5Stack(cfg, is_decoder=True)
     if not cfg.tie_word_embeddings:
-      self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), std=1.0, **kw)
+      self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), std=1.0, **kw)
 
   def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
              prefix_embeds: Array | None = None, deterministic: bool = True,

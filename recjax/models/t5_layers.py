@@ -90,46 +90,25 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
 
 
 class Dense(nn.Module):
-  """Bias-free projection: `kernel: in_shape + features`, contracting the last
-  `len(in_shape)` input axes; e.g. `[D, H, Dk]` for a query projection (HF's `[H*Dk, D]`
-  weight transposed and reshaped)."""
-  in_shape: tuple[int, ...]
+  """Bias-free projection contracting the last `n_in` input axes with the kernel's leading ones.
+
+  The kernel has shape `x.shape[-n_in:] + features`, e.g. `[D, H, Dk]` for a query projection
+  (HF's `[H*Dk, D]` weight transposed and reshaped).
+  """
   features: tuple[int, ...]
   axes: tuple[str | None, ...]
   std: float
+  n_in: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def setup(self):
-    init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
-    self.kernel = self.param("kernel", init, tuple(self.in_shape) + tuple(self.features),
-                             self.param_dtype)
-
+  @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _contract(x, self.kernel, len(self.in_shape), self.dtype)
-
-
-def _contract(x: Array, kernel: Array, n_in: int, dtype) -> Array:
-  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
-
-
-def fused(x: Array, projections: list[Dense]) -> list[Array]:
-  """`[p(x) for p in projections]` as one matmul over the kernels concatenated along their
-  first output axis (q/k/v, k/v, wi_0/wi_1): fewer, larger matmuls are faster on CPU and
-  the parameters stay separate (as in the checkpoint); the concatenation copies only the
-  weights."""
-  if not _FUSE or len(projections) == 1:
-    return [p(x) for p in projections]
-  n_in = len(projections[0].in_shape)
-  kernel = jnp.concatenate([p.kernel for p in projections], axis=n_in)
-  y = _contract(x, kernel, n_in, projections[0].dtype)
-  splits = np.cumsum([p.features[0] for p in projections])[:-1]
-  return jnp.split(y, splits, axis=y.ndim - len(projections[0].features))
-
-
-import os
-_FUSE = os.environ.get("T5_FUSE", "1") == "1"
+    in_shape = x.shape[x.ndim - self.n_in:]
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+    kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
 class Embed(nn.Module):
@@ -185,11 +164,10 @@ class Attention(nn.Module):
     cfg = self.config
     h, dk, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    qkv_axes = ("embed", "heads", "kv")
-    self.q = Dense((d,), (h, dk), qkv_axes, std=(d * dk) ** -0.5, **kw)
-    self.k = Dense((d,), (h, dk), qkv_axes, std=d ** -0.5, **kw)
-    self.v = Dense((d,), (h, dk), qkv_axes, std=d ** -0.5, **kw)
-    self.o = Dense((h, dk), (d,), ("heads", "kv", "embed"), std=(h * dk) ** -0.5, **kw)
+    self.q = Dense((h, dk), ("embed", "heads", "kv"), std=(d * dk) ** -0.5, **kw)
+    self.k = Dense((h, dk), ("embed", "heads", "kv"), std=d ** -0.5, **kw)
+    self.v = Dense((h, dk), ("embed", "heads", "kv"), std=d ** -0.5, **kw)
+    self.o = Dense((d,), ("heads", "kv", "embed"), std=(h * dk) ** -0.5, n_in=2, **kw)
     if self.has_relative_bias:
       self.relative_attention_bias = Embed(
           cfg.relative_attention_num_buckets, h, (None, "heads"), std=d ** -0.5, **kw)
@@ -250,9 +228,9 @@ class Attention(nn.Module):
     ck = self.variable("cache", "cached_key", jnp.zeros, shape, self.config.dtype)
     cv = self.variable("cache", "cached_value", jnp.zeros, shape, self.config.dtype)
     if initializing:
-      return tuple(fused(kv, [self.k, self.v]))
+      return self.k(kv), self.v(kv)
     k, v = nn.cond(first_step,
-                   lambda mdl, x: tuple(fused(x, [mdl.k, mdl.v])),
+                   lambda mdl, x: (mdl.k(x), mdl.v(x)),
                    lambda mdl, x: (mdl.get_variable("cache", "cached_key"),
                                    mdl.get_variable("cache", "cached_value")), self, kv)
     ck.value, cv.value = k, v
@@ -272,14 +250,15 @@ class Attention(nn.Module):
     Returns:
       float[B, Q, D].
     """
-    if kv is None:  # self-attention
-      q, k, v = fused(x, [self.q, self.k, self.v])
+    cross = kv is not None
+    kv = kv if cross else x
+    q = constrain(self.q(x), ("batch", "length", "heads", "kv"))
+    if decode and cross:
+      k, v = self._cross_cache(kv, first_step)
+    else:
+      k, v = self.k(kv), self.v(kv)
       if decode:
         k, v = self._self_cache(k, v)
-    else:
-      q = self.q(x)
-      k, v = self._cross_cache(kv, first_step) if decode else fused(kv, [self.k, self.v])
-    q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias.astype(q.dtype)
@@ -298,22 +277,17 @@ class FeedForward(nn.Module):
     cfg = self.config
     self.act, self.gated = activation_name(cfg.feed_forward_proj)
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    wi = lambda: Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), std=cfg.d_model ** -0.5,
-                       **kw)
+    wi = lambda: Dense((cfg.d_ff,), ("embed", "mlp"), std=cfg.d_model ** -0.5, **kw)
     if self.gated:
       self.wi_0, self.wi_1 = wi(), wi()
     else:
       self.wi = wi()
-    self.wo = Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), std=cfg.d_ff ** -0.5, **kw)
+    self.wo = Dense((cfg.d_model,), ("mlp", "embed"), std=cfg.d_ff ** -0.5, **kw)
     self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_impl)
 
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     act = _ACTIVATIONS[self.act]
-    if self.gated:
-      gate, linear = fused(x, [self.wi_0, self.wi_1])
-      h = act(gate) * linear
-    else:
-      h = act(self.wi(x))
+    h = act(self.wi_0(x)) * self.wi_1(x) if self.gated else act(self.wi(x))
     h = constrain(h, ("batch", "length", "mlp"))
     return self.wo(self.dropout(h, deterministic))
 

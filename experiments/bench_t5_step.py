@@ -67,8 +67,9 @@ def build_torch(cfg: T5Config, seed: int = 0):
       dropout_rate=cfg.dropout_rate, tie_word_embeddings=cfg.tie_word_embeddings,
       decoder_start_token_id=0)
   model = transformers.T5ForConditionalGeneration(hf)
-  if not cfg.tie_word_embeddings:
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))
+  if not cfg.tie_word_embeddings:  # FLAN-T5 style separate head; logits of a few nats.
+    model.lm_head.weight = torch.nn.Parameter(
+        torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
   return model
 
 
@@ -178,6 +179,9 @@ def main():
   from recjax.models.t5 import T5Config
   if args.threads:
     torch.set_num_threads(args.threads)
+  # XLA:CPU flushes denormals to zero; let PyTorch do the same (denormals in the softmax
+  # gradients otherwise slow its matmuls down several-fold).
+  torch.set_flush_denormal(True)
 
   cfg = T5Config(**SHAPES[args.shape], dropout_rate=args.dropout_rate)
   batch = make_batch(cfg, args.batch, args.source_len, args.target_len)

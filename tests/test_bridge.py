@@ -112,19 +112,25 @@ def test_each_direction_carries_information(scores_fn):
   assert not np.allclose(crm4, crm)
 
 
-def test_experiment_config_builds_full_size_shapes():
+def test_experiment_configs_build_their_shapes():
+  """joint_ml100k (a small T5 from scratch) and joint_flan_t5_plan (a FLAN-T5 preset)."""
   import importlib.util
   from recjax.train import stages
   from recjax.train.joint_task import build_joint_task
   import os
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "joint_ml100k.py")
-  spec = importlib.util.spec_from_file_location("joint_ml100k", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  task = build_joint_task(config, num_items=1682)
-  shapes = jax.eval_shape(lambda r: nn.unbox(task.init(r)), jax.random.key(0))
-  assert shapes["llm"]["shared"]["embedding"].shape == (32128, 512)
-  assert shapes["bridge"]["memory"]["item_memory"].shape == (1688, 64)
-  assert shapes["bridge"]["crm_to_llm"]["prompt"]["kernel"].shape == (64, 4 * 512)
-  assert stages.get_schedule(config.loss.schedule)
+
+  def load(name, *args):
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+  for config, d_model in ((load("joint_ml100k.py"), 128),
+                          (load("joint_flan_t5_plan.py", "flan-t5-small"), 512)):
+    task = build_joint_task(config, num_items=1682)
+    shapes = jax.eval_shape(lambda r: nn.unbox(task.init(r)), jax.random.key(0))
+    assert shapes["llm"]["shared"]["embedding"].shape == (32128, d_model)
+    assert shapes["bridge"]["memory"]["item_memory"].shape == (1688, 64)
+    assert shapes["bridge"]["crm_to_llm"]["prompt"]["kernel"].shape == (64, 4 * d_model)
+    assert stages.get_schedule(config.loss.schedule)

@@ -40,6 +40,19 @@ def test_gradients_reach_every_tower_and_leaf(staged_run):
       f"{attn}['relative_attention_bias']['embedding']"]), zero
 
 
+@pytest.mark.parametrize("shielded", [False, True])
+def test_llm_grad_to_crm_switch(staged_run, shielded):
+  """bridge.llm_grad_to_crm=False: the LLM loss leaves every SASRec parameter untouched."""
+  task = JointTask(jt.config(llm_grad_to_crm=not shielded))
+  params = staged_run[1][0][1].params
+  controls = stage_controls({"llm": 1.0}, ALL_TRAIN, jt.catalogue())
+  grads, _ = jt.jit(jax.grad(task.loss, has_aux=True))(params, jt.batch(), jax.random.key(1),
+                                                        controls)
+  crm_norm = float(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads["crm"])))
+  assert (crm_norm == 0.0) == shielded, crm_norm
+  assert float(sum(np.sum(np.abs(np.asarray(g))) for g in jax.tree.leaves(grads["llm"]))) > 0
+
+
 def test_kl_direction_and_stop_gradient():
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)

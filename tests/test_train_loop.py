@@ -11,75 +11,11 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from loop_testing import BASE_CONFIG, ROOT, latest_params, load_config_file
+from loop_testing import tiny_config
 from recjax.train import loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(ROOT, "experiments", "sasrec_ml100k.py")
-
-
-def load_config_file(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def write_tiny_atomic(directory, users=40, items=120, seed=0):
-  """A learnable dataset: each user walks the catalogue in steps of 1 or 2."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "tiny.inter"), "w") as f:
-    f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-    for u in range(1, users + 1):
-      item = int(rng.integers(1, items + 1))
-      for t in range(int(rng.integers(15, 25))):
-        f.write(f"{u}\t{item}\t5\t{1000 * u + t}\n")
-        item = (item + int(rng.integers(1, 3)) - 1) % items + 1
-  with open(os.path.join(directory, "tiny.item"), "w") as f:
-    f.write("item_id:token\tmovie_title:token_seq\n")
-    for i in range(1, items + 1):
-      f.write(f"{i}\tMovie {i}\n")
-  return os.path.join(directory, "tiny")
-
-
-OVERRIDES = {
-    "model.max_len": 8, "model.hidden": 16, "model.mlp_dim": 32,
-    "model.dropout": 0.1, "model.attn_dropout": 0.1,
-    "input.stride": 2, "input.batch_size": 16, "optim.lr": 5e-3,
-    "train.num_epochs": 12, "train.eval_every_steps": 50,
-    "train.log_every_steps": 10, "train.checkpoint_every_steps": 10,
-    "train.patience": 0, "eval.batch_size": 16,
-}
-
-
-def tiny_config(tmp_path):
-  config = load_config_file(BASE_CONFIG)
-  prefix = write_tiny_atomic(str(tmp_path / "raw"))
-  overrides = dict(OVERRIDES)
-  overrides.update({"data.name": f"atomic:{prefix}",
-                    "data.data_dir": str(tmp_path / "raw"),
-                    "data.cache_dir": str(tmp_path / "cache"),
-                    "data.download": False})
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config, overrides
-
-
-def latest_params(workdir):
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                              item_names=("state", "meta"))
-  step = mgr.latest_step()
-  out = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  mgr.close()
-  return step, out["state"]["params"]
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,10 @@ class BridgeConfig:
   align_pairs: tuple[tuple[int, int], ...] = ()
   align_dim: int = 32             # A: width of the alignment space
   init_std: float = 0.02
+  # False: the LLM head and the soft prompts read the bridged item table and the SASRec
+  # user state through a stop-gradient, so the LLM losses do not reach SASRec (nor the
+  # memory's CRM view); the memory's T5 view, the projections and T5 still learn.
+  llm_grad_to_crm: bool = True
 
   def __post_init__(self):
     if self.user_memory and self.num_users <= 0:

@@ -176,7 +176,10 @@ class JointModel(nn.Module):
     x, crm_hidden = self.crm_forward(inputs, extra, deterministic=deterministic)
     s = inputs.shape[1] if num_targets is None else num_targets
     crm_logits = self.crm_logits(x[:, -s:], bridged)
-    state, enc_hidden, enc_mask = self.llm_forward(batch, x[:, -1], mem_llm,
+    user_state, head_items = x[:, -1], bridged
+    if not self.cfg.bridge.llm_grad_to_crm:   # the LLM losses leave SASRec alone
+      user_state, head_items = jax.lax.stop_gradient((user_state, bridged))
+    state, enc_hidden, enc_mask = self.llm_forward(batch, user_state, mem_llm,
                                                    deterministic=deterministic)
     if self.is_initializing() and not self.cfg.llm.tie_word_embeddings:
       # Create T5's token head too, so the "llm" tree is the full checkpoint tree (text
@@ -185,7 +188,7 @@ class JointModel(nn.Module):
     return {
         "crm_logits": crm_logits,
         "crm_next": crm_logits[:, -1],
-        "llm_logits": self.llm_logits(state, bridged, mem_llm),
+        "llm_logits": self.llm_logits(state, head_items, mem_llm),
         "align": self.align(enc_hidden, enc_mask, crm_hidden, inputs != 0),
     }
 

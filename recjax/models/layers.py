@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,3 +57,40 @@ class Dropout(nn.Module):
     else:
       raise ValueError(f"dropout impl: unknown {self.impl!r} (hash, threefry)")
     return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_matmul(x: Array, kernel: Array, n_in: int) -> Array:
+  """`x[..., *in] @ kernel[*in, *out]` as one 2-D matmul, with a hand-written gradient.
+
+  The backward pass materialises the output gradient (an optimization barrier) before the
+  two gradient matmuls. Without it XLA:CPU fuses the elementwise backward of what follows
+  (gated GELU, dropout masks) into the transposed copy feeding the weight-gradient matmul,
+  a non-vectorised loop that took ~20% of the flan-t5-small train step; with it that copy
+  is a plain transpose. Values and gradients are unchanged (parity tests). Every T5
+  projection uses it (SASRec's step measured no different with it, so it keeps nn.Dense).
+  """
+  lead = x.shape[:x.ndim - n_in]
+  k = int(np.prod(x.shape[x.ndim - n_in:]))
+  w = kernel.reshape(k, -1)
+  y = x.reshape(-1, k) @ w
+  return y.reshape(lead + kernel.shape[n_in:])
+
+
+def _dense_fwd(x, kernel, n_in):
+  return dense_matmul(x, kernel, n_in), (x, kernel)
+
+
+def _dense_bwd(n_in, res, g):
+  x, kernel = res
+  k = int(np.prod(x.shape[x.ndim - n_in:]))
+  x2 = x.reshape(-1, k)
+  g2 = g.reshape(x2.shape[0], -1)
+  w = kernel.reshape(k, -1)
+  g2 = jax.lax.optimization_barrier(g2)
+  dx = (g2 @ w.T).reshape(x.shape)
+  dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))).reshape(kernel.shape)
+  return dx, dw
+
+
+dense_matmul.defvjp(_dense_fwd, _dense_bwd)

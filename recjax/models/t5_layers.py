@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax.models import layers
 from recjax.models.layers import Dropout
 
 Array = jax.Array
@@ -107,8 +108,9 @@ class Dense(nn.Module):
     in_shape = x.shape[x.ndim - self.n_in:]
     init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
     kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return layers.dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
+
+
 
 
 class Embed(nn.Module):

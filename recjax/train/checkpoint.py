@@ -8,7 +8,15 @@ Layout under the workdir:
   best/<step>/{params, meta}         the parameters with the best validation
                                      metric so far (one kept).
 Restores go into abstract targets carrying the *current* mesh's shardings, so
-a checkpoint written on one mesh restores onto another.
+a checkpoint written on one mesh restores onto another (another mesh shape,
+another number of devices or processes).
+
+The workdir may be a local path or a URL that `etils.epath` understands
+(`gs://bucket/run` on Cloud TPU VMs); with several processes every process
+calls every method (Orbax coordinates them; process 0 writes the metadata).
+With `async_save`, `save` returns once the arrays are copied off the devices
+and the files are written in the background; `wait()` (or `close()`) blocks
+until every pending save is on disk.
 """
 
 from __future__ import annotations
@@ -16,22 +24,32 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from etils import epath
 import orbax.checkpoint as ocp
 
 
+def resolve_dir(path: str) -> str:
+  """Local paths made absolute (`~` expanded); URLs (`gs://...`) unchanged."""
+  if "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 class Checkpointer:
+  """The two Orbax managers of a workdir (see the module docstring)."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 2,
                async_save: bool = False):
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = epath.Path(resolve_dir(workdir))
+    self.async_save = async_save
     options = lambda keep: ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), options=options(max_to_keep),
+        workdir / "checkpoints", options=options(max_to_keep),
         item_names=("state", "meta"))
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"), options=options(1),
+        workdir / "best", options=options(1),
         item_names=("params", "meta"))
 
   # The latest train state -------------------------------------------------
@@ -70,9 +88,11 @@ class Checkpointer:
     return out["params"], out["meta"]
 
   def wait(self) -> None:
+    """Blocks until every pending (async) save is complete."""
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and releases the managers."""
     self.latest.close()
     self.best.close()

@@ -16,7 +16,9 @@ static mask. Cost: a frozen tower's gradient is still computed (the mask is dyna
 Differences from `recjax.train.step.make_train_step` (which takes `loss_fn(params, batch,
 rng)` and has one optimizer state): the extra `controls` argument (replicated), per-tower
 states, the masking, and per-tower norms in the metrics (`grad_norm/<tower>`,
-`update_norm/<tower>`, `param_norm/<tower>`).
+`update_norm/<tower>`, `param_norm/<tower>`). Both share gradient accumulation
+(`grad_accum`, `recjax.train.step.value_and_grad`); the joint step averages micro-batches
+equally by default (see `make_joint_train_step`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -33,6 +34,8 @@ import optax
 
 from recjax import sharding as shd
 from recjax.train import optimizer as optim_lib
+from recjax.train import state as state_lib
+from recjax.train import step as step_lib
 from recjax.train.joint_task import tower_norms
 from recjax.train.state import TrainState
 
@@ -84,22 +87,13 @@ def create_joint_train_state(init_params: Callable[[jax.Array], Any],
                              tx: optax.GradientTransformation, mesh: Mesh, rules,
                              rng: jax.Array, ema: bool = False,
                              compiler_options: dict | None = None):
-  """`state.create_train_state` plus `compiler_options` for the jitted init.
+  """Alias of `recjax.train.state.create_train_state` (kept for existing callers).
 
   The joint init traces the whole joint forward pass; tests compile it with cheap XLA
-  options (3x faster on the CPU). Shapes first, shardings from logical names, jitted init.
-  Returns (state, state_sharding).
+  options (3x faster on the CPU). Returns (state, state_sharding).
   """
-  def boxed_state(r):
-    params = init_params(r)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), ema_params=params if ema else None)
-
-  abstract = jax.eval_shape(boxed_state, rng)
-  state_sharding = shd.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  init = jax.jit(lambda r: nn.unbox(boxed_state(r)), out_shardings=state_sharding,
-                 compiler_options=compiler_options)
-  return init(rng), state_sharding
+  return state_lib.create_train_state(init_params, tx, mesh, rules, rng, ema=ema,
+                                      compiler_options=compiler_options)
 
 
 def _select(keep, new, old):
@@ -112,17 +106,30 @@ LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
 def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                           state_sharding: TrainState, mesh: Mesh,
                           ema_decay: float = 0.0,
-                          compiler_options: dict | None = None):
+                          compiler_options: dict | None = None,
+                          grad_accum: int = 1, weight_key: str | None = None):
   """Compiles `loss_fn(params, batch, rng, controls)` into one masked update.
 
   tx: a `per_tower` optimizer (its state must be {tower: state}). The state is donated,
   the batch sharded over the data-like axes, rng and controls replicated; the rng is folded
   with the step. compiler_options: passed to `jax.jit` (tests use cheap XLA options).
+  grad_accum: micro-batches per step, scanned inside the one jit with one optimizer update
+    (`recjax.train.step.value_and_grad`). weight_key: None (default) averages the
+    micro-batches equally. The joint loss sums terms with different normalisers (CRM
+    targets for L_crm, LLM rows for L_llm, L_kl, L_layer), so no single per-micro-batch
+    weight makes every term exact: equal averaging equals the full-batch step exactly
+    when every micro-batch has the same number of valid CRM targets (`mask`) and of valid
+    LLM rows (`target_mask`), e.g. full batches without masked targets; otherwise it is
+    the mean of micro-batch means. ("num_targets" would make L_crm exact but drop the
+    LLM rows of a micro-batch without CRM targets, e.g. an LLM-only stage.)
+    With title_mode "step" each micro-batch re-encodes the catalogue's titles (the
+    encoding is inside `loss_fn`), so accumulation multiplies that cost by grad_accum.
   """
   def step(state: TrainState, batch: dict, rng: jax.Array, controls: dict):
     rng = jax.random.fold_in(rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng, controls)
+    (loss, aux), grads = step_lib.value_and_grad(
+        loss_fn, state.params, batch, rng, controls, grad_accum=grad_accum, mesh=mesh,
+        params_sharding=state_sharding.params, weight_key=weight_key)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     trainable = controls["trainable"]

@@ -174,12 +174,28 @@ def tower_norms(tree: dict, prefix: str) -> dict[str, Array]:
 
 
 def build_joint_task(config, num_items: int) -> JointTask:
-  """A `JointTask` from an experiment config (see experiments/joint_ml100k.py)."""
+  """A `JointTask` from an experiment config (see experiments/joint_ml100k.py).
+
+  Precision (strings "float32" | "bfloat16"; default float32): `crm.dtype` SASRec's
+  activations; `llm.dtype` T5's activations, `llm.param_dtype` T5's parameters (and so its
+  gradients and Adam moments). Logits and losses are float32 in every case; the bridge
+  stays float32.
+  """
   from recjax.models.bridge import BridgeConfig
   from recjax.models.sasrec import SASRecConfig
   from recjax.models.t5 import T5Config
-  crm = SASRecConfig(num_items=num_items, **config.crm.to_dict())
-  llm_cfg = config.llm.to_dict()
+
+  def check_dtypes(cfg: dict, section: str, keys) -> dict:
+    for key in keys:
+      if key in cfg:
+        if str(cfg[key]) not in ("float32", "bfloat16"):
+          raise ValueError(f"{section}.{key}: unknown {cfg[key]!r} (float32, bfloat16)")
+        cfg[key] = jnp.dtype(cfg[key])
+    return cfg
+
+  crm = SASRecConfig(num_items=num_items,
+                     **check_dtypes(config.crm.to_dict(), "crm", ("dtype",)))
+  llm_cfg = check_dtypes(config.llm.to_dict(), "llm", ("dtype", "param_dtype"))
   preset = llm_cfg.pop("preset")
   llm_cfg.pop("checkpoint", None)
   llm = T5Config.preset(preset, **llm_cfg)

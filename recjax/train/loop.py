@@ -11,6 +11,12 @@ Order of events:
      early stopping after `patience` evaluations without improvement;
   5. test: restore the best parameters, evaluate validation and test under the
      configured protocols, write `<workdir>/results.json`, print a table.
+
+Preemption: SIGTERM (or JAX's preemption notice with several processes) makes
+the loop save a checkpoint at the current step, wait for it, print a message
+and return `{"preempted": True, ...}` without testing (the launcher exits 0);
+running the same command again resumes from that step. See
+`recjax.train.preemption`. The workdir may be a `gs://` URL.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import tqdm
@@ -34,6 +41,7 @@ from recjax.data import pipeline
 from recjax.models.sasrec import SASRecConfig
 from recjax.train import checkpoint as ckpt_lib
 from recjax.train import optimizer as optim_lib
+from recjax.train import preemption
 from recjax.train import state as state_lib
 from recjax.train import step as step_lib
 from recjax.train.sequential import SequentialTask
@@ -53,7 +61,18 @@ def load_data(cfg) -> data_lib.SequenceData:
 
 
 def build_task(config, num_items: int) -> SequentialTask:
-  model_cfg = SASRecConfig(num_items=num_items, **config.model.to_dict())
+  """A `SequentialTask` from `config.model` / `config.loss`.
+
+  `config.model.dtype` may be "float32" (default) or "bfloat16": the activation dtype
+  (parameters stay float32; logits and losses are float32 either way).
+  """
+  import jax.numpy as jnp
+  model = config.model.to_dict()
+  if "dtype" in model:
+    if str(model["dtype"]) not in ("float32", "bfloat16"):
+      raise ValueError(f"model.dtype: unknown {model['dtype']!r} (float32, bfloat16)")
+    model["dtype"] = jnp.dtype(model["dtype"])
+  model_cfg = SASRecConfig(num_items=num_items, **model)
   return SequentialTask(model_cfg, loss_type=config.loss.type,
                         num_negatives=config.loss.get("num_negatives", 1))
 
@@ -100,22 +119,26 @@ class LoopMeta:
   stopped_early: bool = False
 
 
-def _setup(config, workdir):
+def _setup(config, workdir, devices=None):
   data = load_data(config.data)
   if jax.process_index() == 0:
     logging.info("dataset statistics:\n%s", data_lib.format_stats(data.stats))
     print(data_lib.format_stats(data.stats), flush=True)
-  mesh = shd.make_mesh(tuple(config.mesh.shape))
+  mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
   task = build_task(config, data.num_items)
   return data, mesh, task
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains, keeps the best checkpoint, evaluates it; returns results.json."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Trains, keeps the best checkpoint, evaluates it; returns results.json.
+
+  devices: the devices of the mesh (default: all); `config.mesh.shape` must
+    fit their number.
+  """
   t_start = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = ckpt_lib.resolve_dir(workdir)
   is_main = jax.process_index() == 0
-  data, mesh, task = _setup(config, workdir)
+  data, mesh, task = _setup(config, workdir, devices)
 
   items, offsets = data.train_sequences()
   ds, ds_stats = pipeline.train_dataset(
@@ -153,70 +176,93 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   params_sharding = state_sharding.params
 
+  last_saved = start_step
+
   def checkpoint(step: int) -> None:
+    nonlocal last_saved
     meta.wall_seconds = wall_before + time.perf_counter() - t_start
     ckpt.save(step, state, dataclasses.asdict(meta))
+    last_saved = step
 
   wall_before = meta.wall_seconds
   pending: list[dict] = []
   bar = tqdm.tqdm(total=num_steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", mininterval=2.0, smoothing=0.1)
+  say = bar.write if is_main else lambda _: None
+  guard = preemption.PreemptionGuard()
   step = start_step
   t_chunk = time.perf_counter()
-  for step, batch in pipeline.iterate_from(ds, start_step):
-    if meta.stopped_early:
-      break
-    state, metrics = train_step(state, shd.global_batch(batch, mesh),
-                                train_rng)
-    pending.append(metrics)
-    done = step + 1
-    bar.update(1)
-    is_eval = done % eval_every == 0 or done == num_steps
-    if done % config.train.log_every_steps == 0 or is_eval:
-      host = jax.device_get(pending)
-      pending = []
-      meta.train_seconds += time.perf_counter() - t_chunk
-      avg = {f"train/{k}": float(np.mean([m[k] for m in host]))
-             for k in host[-1]}
-      if not np.isfinite(avg["train/loss"]):
-        raise FloatingPointError(f"non-finite loss at step {done}: {avg}")
-      avg["train/epoch"] = done / steps_per_epoch
-      writer.write(done, avg)
-      bar.set_postfix(loss=f"{avg['train/loss']:.4f}",
-                      best=f"{max(meta.best_value, 0):.4f}")
-      if is_eval:
-        res = run_evaluators(evaluators, state.eval_params(), [monitor_name],
-                             popularity, config.seed)[monitor_name]
-        value = res[monitor_key]
-        writer.write(done, {f"{monitor_name}/{k}": v for k, v in res.items()
-                            if isinstance(v, (int, float))})
-        bar.write(f"step {done} (epoch {done / steps_per_epoch:.2f}): "
-                  f"train loss {avg['train/loss']:.4f}, {monitor_name} "
-                  f"{monitor_key} {value:.4f}")
-        if value > meta.best_value:
-          meta.best_value, meta.best_step = float(value), done
-          meta.evals_without_improvement = 0
-          ckpt.save_best(done, state.eval_params(), {"step": done, **{
-              k: v for k, v in res.items() if isinstance(v, (int, float))}})
-        else:
-          meta.evals_without_improvement += 1
-        target = config.train.get("target_value", 0.0)
-        if target and value >= target and meta.target_reached is None:
-          meta.target_reached = {
-              "step": done, "epoch": done / steps_per_epoch, "value": value,
-              "train_seconds": meta.train_seconds,
-              "wall_seconds": wall_before + time.perf_counter() - t_start}
-        patience = config.train.patience
-        if patience and meta.evals_without_improvement >= patience:
-          meta.stopped_early = True
-          bar.write(f"early stop at step {done}: no improvement in "
-                    f"{patience} evaluations")
-        checkpoint(done)
-      elif done % config.train.checkpoint_every_steps == 0:
-        checkpoint(done)
-      t_chunk = time.perf_counter()
+  with guard:
+    for step, batch in pipeline.iterate_from(ds, start_step):
+      if meta.stopped_early:
+        break
+      state, metrics = train_step(state, shd.global_batch(batch, mesh),
+                                  train_rng)
+      pending.append(metrics)
+      done = step + 1
+      bar.update(1)
+      is_eval = done % eval_every == 0 or done == num_steps
+      if done % config.train.log_every_steps == 0 or is_eval:
+        host = jax.device_get(pending)
+        pending = []
+        meta.train_seconds += time.perf_counter() - t_chunk
+        avg = {f"train/{k}": float(np.mean([m[k] for m in host]))
+               for k in host[-1]}
+        if not np.isfinite(avg["train/loss"]):
+          raise FloatingPointError(f"non-finite loss at step {done}: {avg}")
+        avg["train/epoch"] = done / steps_per_epoch
+        writer.write(done, avg)
+        bar.set_postfix(loss=f"{avg['train/loss']:.4f}",
+                        best=f"{max(meta.best_value, 0):.4f}")
+        if is_eval:
+          res = run_evaluators(evaluators, state.eval_params(), [monitor_name],
+                               popularity, config.seed)[monitor_name]
+          value = res[monitor_key]
+          writer.write(done, {f"{monitor_name}/{k}": v for k, v in res.items()
+                              if isinstance(v, (int, float))})
+          say(f"step {done} (epoch {done / steps_per_epoch:.2f}): "
+                    f"train loss {avg['train/loss']:.4f}, {monitor_name} "
+                    f"{monitor_key} {value:.4f}")
+          if value > meta.best_value:
+            meta.best_value, meta.best_step = float(value), done
+            meta.evals_without_improvement = 0
+            ckpt.save_best(done, state.eval_params(), {"step": done, **{
+                k: v for k, v in res.items() if isinstance(v, (int, float))}})
+          else:
+            meta.evals_without_improvement += 1
+          target = config.train.get("target_value", 0.0)
+          if target and value >= target and meta.target_reached is None:
+            meta.target_reached = {
+                "step": done, "epoch": done / steps_per_epoch, "value": value,
+                "train_seconds": meta.train_seconds,
+                "wall_seconds": wall_before + time.perf_counter() - t_start}
+          patience = config.train.patience
+          if patience and meta.evals_without_improvement >= patience:
+            meta.stopped_early = True
+            say(f"early stop at step {done}: no improvement in "
+                      f"{patience} evaluations")
+          checkpoint(done)
+        elif done % config.train.checkpoint_every_steps == 0:
+          checkpoint(done)
+        t_chunk = time.perf_counter()
+      if guard.should_stop(done):       # all processes agree on the step
+        if last_saved != done:
+          meta.train_seconds += time.perf_counter() - t_chunk
+          checkpoint(done)
+        break
   bar.close()
   ckpt.wait()
+  if guard.stop_step is not None:
+    writer.close()
+    ckpt.close()
+    message = (f"preempted: saved a checkpoint at step {guard.stop_step} of "
+               f"{num_steps} in {workdir}; run the same command again to "
+               "resume")
+    logging.warning(message)
+    if is_main:
+      print(message, flush=True)
+    return {"preempted": True, "steps": guard.stop_step,
+            "num_steps": num_steps, "workdir": workdir}
 
   # Test on the best checkpoint.
   best_params, best_meta = ckpt.restore_best(
@@ -247,10 +293,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def evaluate(config, workdir: str) -> dict:
-  """`--mode=eval`: restores the best parameters and evaluates them."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  data, mesh, task = _setup(config, workdir)
+def evaluate(config, workdir: str, devices=None) -> dict:
+  """`--mode=eval`: restores the best parameters and evaluates them.
+
+  The mesh is built from the current config and devices (default: all), so a
+  checkpoint written on another mesh is resharded on restore.
+  """
+  workdir = ckpt_lib.resolve_dir(workdir)
+  data, mesh, task = _setup(config, workdir, devices)
   tx = optim_lib.make_optimizer(config.optim, 1)
   state, state_sharding = state_lib.create_train_state(
       task.init, tx, mesh, config.mesh.rules, jax.random.key(config.seed))
@@ -270,10 +320,10 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def _write_results(workdir, filename, results, evaluators, final) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, filename), "w") as f:
-    json.dump(results, f, indent=2, default=str)
+  path = epath.Path(workdir) / filename      # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=2, default=str))
   for name in sorted(final):
     print(evaluation.format_results(final[name], evaluators[name][0].protocol),
           flush=True)
-  print(f"wrote {os.path.join(workdir, filename)}", flush=True)
+  print(f"wrote {path}", flush=True)

@@ -1,4 +1,10 @@
-"""Metric writers: a JSONL log and TensorBoard scalars, from process 0 only."""
+"""Metric writers: a JSONL log and TensorBoard scalars, from process 0 only.
+
+The workdir may be local or a URL (`gs://bucket/run`). Object stores have no
+append, so for a URL the JSONL file is rewritten whole on every `write` (a
+few kB: rows are written every `log_every_steps`); TensorBoard event files
+go to `gs://` through tensorboardX (needs `google-cloud-storage`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import os
 import time
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -15,6 +22,11 @@ def _scalar(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
+def is_url(path: str) -> bool:
+  """True for `gs://...` and other URLs (anything with a scheme)."""
+  return "://" in str(path)
+
+
 class MetricWriter:
   """`write(step, {"train/loss": ...})` -> `<workdir>/metrics.jsonl` and TB."""
 
@@ -22,10 +34,18 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
+    self._remote_rows: list[str] | None = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    workdir = str(workdir)
+    if is_url(workdir):
+      self._path = epath.Path(workdir) / "metrics.jsonl"
+      self._path.parent.mkdir(parents=True, exist_ok=True)
+      self._remote_rows = (self._path.read_text().splitlines(keepends=True)
+                           if self._path.exists() else [])
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -35,8 +55,13 @@ class MetricWriter:
       return
     row = {"step": int(step), "time": time.time()}
     row.update({k: _scalar(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(row) + "\n"
+    if self._remote_rows is not None:
+      self._remote_rows.append(line)
+      self._path.write_text("".join(self._remote_rows))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in row.items():
         if k not in ("step", "time") and isinstance(v, (int, float)):

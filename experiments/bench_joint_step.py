@@ -1,0 +1,179 @@
+r"""Joint step time vs the SASRec-only step plus the T5-only step, at the same shapes.
+
+Issue target: joint <= 1.10 x (SASRec step + T5 step). The three steps train on the same
+MovieLens-100K batches (experiments/joint_ml100k.py: batch 32 windows of 50 items, loss on
+the last 10 positions; prompts of 64 tokens naming the last 10 items; 1,683 catalogue rows):
+  sasrec  the foundation's SASRec step (`recjax.train.step`, CE on the window's positions);
+  t5      the same T5 alone as a recommender: encoder over the prompt (with item tokens as
+          ordinary token embeddings), one decoder step, item softmax against its own item
+          embedding table, AdamW;
+  joint   the joint step of the config (`recjax.train.joint_step`, schedule "joint": CRM +
+          LLM + KL + layer alignment, bridge in both directions, title table from cache).
+Each is compiled once, warmed up, then timed over `--steps` steps in interleaved rounds
+(so a noisy neighbour hits all three alike); the table shows the median of the rounds.
+
+Run (CPU, quiet machine):
+  python experiments/bench_joint_step.py --out /tmp/recjax/bench_joint_step.json
+Hardware: 2-core CPU. Time: ~3 minutes (mostly compiles). Expected: see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from recjax import sharding as shd  # noqa: E402
+from recjax.data import pipeline  # noqa: E402
+from recjax.models.t5 import T5  # noqa: E402
+from recjax.train import joint_loop, joint_step, loop, stages  # noqa: E402
+from recjax.train import optimizer as optim_lib  # noqa: E402
+from recjax.train import state as state_lib  # noqa: E402
+from recjax.train import step as step_lib  # noqa: E402
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+class T5Recommender(nn.Module):
+  """T5 alone: prompt -> one decoder step -> logits over its own item table."""
+  t5: T5
+  num_rows: int
+
+  @nn.compact
+  def __call__(self, ids, mask, deterministic=False):
+    mask = mask.astype(bool)
+    enc, _ = self.t5.encoder(self.t5.shared(ids), mask, deterministic=deterministic)
+    start = jnp.zeros((ids.shape[0], 1), jnp.int32)     # as JointModel.llm_forward
+    y, _ = self.t5.decoder(self.t5.shared(start), None, enc, mask,
+                           deterministic=deterministic)
+    state = y[:, 0]
+    table = self.param("items", nn.initializers.normal(0.02),
+                       (self.num_rows, state.shape[-1]))
+    return state @ table.T
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "joint_ml100k.py"))
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--out", default="/tmp/recjax/bench_joint_step.json")
+  args = parser.parse_args()
+  config = load_config(args.config)
+  data = loop.load_data(config.data)
+  builder, vocab = joint_loop.build_prompts(config, data)
+  task = joint_loop.build_task(config, data.num_items, vocab)
+  mesh = shd.make_mesh((-1, 1, 1))
+  items, offsets = data.train_sequences()
+  ds, _ = joint_loop.stage_dataset(
+      items, offsets, np.arange(data.num_users), builder, max_len=task.cfg.crm.max_len,
+      stride=config.input.stride, batch_size=config.input.batch_size,
+      num_steps=args.steps, seed=0)
+  batches = [ds[i] for i in range(args.steps)]
+  rng = jax.random.key(1)
+  num_steps = 10_000
+
+  # Joint.
+  tx = joint_step.make_joint_optimizer(config.optim, num_steps)
+  state, sharding = joint_loop._create_state(config, task, tx, mesh, jax.random.key(0),
+                                             ema=config.optim.ema_decay > 0)
+  jstep = joint_step.make_joint_train_step(task.loss, tx, sharding, mesh,
+                                           ema_decay=config.optim.ema_decay)
+  catalogue = joint_loop._catalogue_fn(task, builder, mesh)(state.params)
+  controls = stages.controls(stages.SCHEDULES[config.loss.schedule][0], catalogue)
+  joint_batches = [shd.global_batch(b, mesh) for b in batches]
+
+  # SASRec alone (the CRM config of the joint model, through the foundation's task).
+  crm_config = load_config(os.path.join(ROOT, "experiments", "sasrec_ml100k.py"))
+  for k, v in config.crm.to_dict().items():
+    if k in crm_config.model:
+      crm_config.model[k] = v
+  sas_task = loop.build_task(crm_config, data.num_items)
+  sas_tx = optim_lib.make_optimizer(crm_config.optim, num_steps)
+  sas_state, sas_sharding = state_lib.create_train_state(
+      sas_task.init, sas_tx, mesh, "dp", jax.random.key(0), ema=True)
+  sas_step = step_lib.make_train_step(sas_task.loss, sas_tx, sas_sharding, mesh,
+                                      ema_decay=crm_config.optim.ema_decay)
+  sas_batches = [shd.global_batch({k: b[k] for k in ("inputs", "labels", "mask")}, mesh)
+                 for b in batches]
+
+  # T5 alone.
+  rec = T5Recommender(T5(task.cfg.llm), task.cfg.num_rows)
+  t5_params = rec.init(jax.random.key(0), batches[0]["llm_input_ids"],
+                       batches[0]["llm_input_mask"])["params"]
+  t5_params = nn.unbox(t5_params)
+  t5_tx = optim_lib.make_optimizer(config.optim, num_steps)
+
+  def t5_loss(params, batch, r):
+    logits = rec.apply({"params": params}, batch["llm_input_ids"], batch["llm_input_mask"],
+                       rngs={"dropout": r})
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
+    w = batch["target_mask"].astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  @jax.jit
+  def t5_step(carry, batch, r):
+    params, opt, n = carry
+    loss, grads = jax.value_and_grad(t5_loss)(params, batch, jax.random.fold_in(r, n))
+    updates, opt = t5_tx.update(grads, opt, params)
+    return (optax.apply_updates(params, updates), opt, n + 1), loss
+
+  t5_state = (t5_params, t5_tx.init(t5_params), jnp.zeros((), jnp.int32))
+  t5_batches = [jax.tree.map(jnp.asarray, {k: b[k] for k in
+                                          ("llm_input_ids", "llm_input_mask", "target",
+                                           "target_mask")}) for b in batches]
+
+  runners = {
+      "sasrec": [lambda s, b: sas_step(s, b, rng), sas_state, sas_batches],
+      "t5": [lambda s, b: t5_step(s, b, rng), t5_state, t5_batches],
+      "joint": [lambda s, b: jstep(s, b, rng, controls), state, joint_batches],
+  }
+  compile_s = {}
+  for name, r in runners.items():
+    t0 = time.perf_counter()
+    for _ in range(2):      # compile + warm-up
+      r[1], out = r[0](r[1], r[2][0])
+    jax.block_until_ready(out)
+    compile_s[name] = time.perf_counter() - t0
+  times = {name: [] for name in runners}
+  for _ in range(args.rounds):
+    for name, r in runners.items():
+      t0 = time.perf_counter()
+      for b in r[2]:
+        r[1], out = r[0](r[1], b)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / len(r[2]))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  ratio = med["joint"] / (med["sasrec"] + med["t5"])
+  print(f"\nstep time (median of {args.rounds} rounds x {args.steps} steps), batch "
+        f"{config.input.batch_size}, CPU {os.cpu_count()} cores")
+  for k in runners:
+    print(f"  {k:<8}{med[k] * 1e3:9.1f} ms   (compile+warm-up {compile_s[k]:.1f} s)")
+  print(f"  joint / (sasrec + t5) = {ratio:.3f}   (target <= 1.10)")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"median_s": med, "times_s": times, "ratio": ratio, "compile_s": compile_s,
+               "load_average": os.getloadavg(), "args": vars(args)}, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,144 @@
+"""The joint training loop end to end on a tiny dataset: stages, heads, routing, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from recjax.train import checkpoint as ckpt_lib
+from recjax.train import joint_loop
+import loop_testing
+
+JOINT_CONFIG = os.path.join(loop_testing.ROOT, "experiments", "joint_ml100k.py")
+
+OVERRIDES = {
+    "crm.max_len": 8, "crm.hidden": 16, "crm.mlp_dim": 32, "crm.dropout": 0.1,
+    "crm.attn_dropout": 0.1,
+    "llm.d_model": 32, "llm.d_kv": 16, "llm.num_heads": 2, "llm.d_ff": 64,
+    "llm.num_layers": 2, "llm.num_decoder_layers": 1, "llm.dropout_rate": 0.0,
+    "bridge.memory_dim": 16, "bridge.num_soft_prompts": 2, "bridge.align_dim": 8,
+    "prompt.prompt_len": 32, "prompt.num_items": 4, "prompt.title_len": 4,
+    "prompt.prefix": "watched", "prompt.suffix": "next",
+    "text.vocab_size": 64,
+    "input.stride": 2, "input.batch_size": 16,
+    "optim.lr": 5e-3, "optim.tower_lr": {"llm": 5e-3}, "optim.warmup_steps": 10,
+    "optim.ema_decay": 0.0,
+    "train.num_epochs": 5, "train.eval_every_steps": 20, "train.log_every_steps": 10,
+    "loss.schedule": "corella", "train.fast_compile": True,
+    "eval.batch_size": 16,
+    "routing.fractions": (0.0, 0.5, 1.0),
+}
+
+
+def joint_config(tmp_path):
+  config = loop_testing.load_config_file(JOINT_CONFIG)
+  prefix = loop_testing.write_tiny_atomic(str(tmp_path / "raw"))
+  overrides = dict(OVERRIDES, **{"data.name": f"atomic:{prefix}",
+                                 "data.data_dir": str(tmp_path / "raw"),
+                                 "data.cache_dir": str(tmp_path / "cache"),
+                                 "data.download": False})
+  return loop_testing.apply_overrides(config, overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("joint")
+  config = joint_config(tmp)
+  workdir = str(tmp / "work")
+  return config, workdir, joint_loop.train_and_evaluate_joint(config, workdir)
+
+
+def test_results_heads_and_routing(uninterrupted):
+  config, workdir, results = uninterrupted
+  test = results["metrics"]["test"]
+  curve = {row["llm_fraction"]: row for row in test["routing"]}
+  assert sorted(curve) == [0.0, 0.5, 1.0]
+  for k in ("ndcg@10", "hr@10", "mrr@20"):
+    assert curve[0.0][k] == test["crm"][k]          # 0% routed = the CRM alone
+    assert curve[1.0][k] == test["llm"][k]          # 100% routed = the LLM alone
+  assert curve[0.5]["routed"] == 20                 # of 40 users
+  # The tiny catalogue is learnable (random HR@10 = 10/120): the CRM must learn it.
+  assert test["crm"]["hr@10"] > 0.3, test["crm"]
+  # Three CoReLLa stages, the second and third on disjoint user subsets.
+  stages = results["stages"]
+  assert [s["stage"] for s in stages] == ["s1_crm", "s2_joint", "s3_llm"]
+  assert stages[0]["num_users"] == 40 and stages[1]["num_users"] == 12
+  assert sum(s["steps"] for s in stages) == results["steps"]
+  with open(os.path.join(workdir, "routing_curve.json")) as f:
+    assert json.load(f)["curve"] == test["routing"]
+  assert os.path.exists(os.path.join(workdir, "routing_curve.png"))
+
+
+def test_metrics_log_every_term(uninterrupted):
+  _, workdir, _ = uninterrupted
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  train = [r for r in rows if "train/loss" in r]
+  for key in ("loss_crm", "loss_llm", "loss_kl", "loss_layer", "grad_norm/crm",
+              "grad_norm/llm", "grad_norm/bridge", "weight_layer"):
+    assert f"train/{key}" in train[-1], sorted(train[-1])
+  # Stage 1 trains only the CRM: the LLM weight is zero there, one in stage 3.
+  assert train[0]["train/weight_llm"] == 0.0 and train[-1]["train/weight_llm"] == 1.0
+  valid = [r for r in rows if "valid/crm/ndcg@10" in r]
+  assert valid and all("valid/llm/ndcg@10" in r for r in valid)
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+  """A run that dies right after its first checkpoint (in stage 1) and is restarted
+  replays the same batches, stages and title refreshes: identical results."""
+  config, _, expected = uninterrupted
+  workdir = str(tmp_path / "work")
+  save = ckpt_lib.Checkpointer.save
+
+  def save_then_crash(self, step, state, meta):
+    save(self, step, state, meta)
+    self.wait()
+    raise _Crash(step)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_crash)
+  with pytest.raises(_Crash) as crash:
+    joint_loop.train_and_evaluate_joint(config, workdir)
+  assert crash.value.args[0] == 20
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+  resumed = joint_loop.train_and_evaluate_joint(config, workdir)
+  assert resumed["best_step"] == expected["best_step"]
+  assert resumed["metrics"] == expected["metrics"]
+
+
+def test_launcher_eval_mode_matches_training_results(uninterrupted):
+  """`launch/main.py --mode=eval` dispatches a joint config to the joint loop."""
+  config, workdir, expected = uninterrupted
+  flags = [f"--config.{k}={loop_testing._flag_value(v)}"
+           for k, v in _flat(config.to_dict()).items()
+           if k.split(".")[0] in ("data", "crm", "llm", "bridge", "prompt", "text", "routing",
+                                  "eval") or k == "train.fast_compile"]
+  cmd = [sys.executable, loop_testing.LAUNCHER, f"--config={JOINT_CONFIG}",
+         f"--workdir={workdir}", "--mode=eval", *flags]
+  proc = subprocess.run(cmd, env=loop_testing.launch_env(1), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "routing (test" in proc.stdout
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    results = json.load(f)
+  np.testing.assert_allclose(results["metrics"]["test"]["crm"]["ndcg@10"],
+                             expected["metrics"]["test"]["crm"]["ndcg@10"], rtol=1e-6)
+  np.testing.assert_allclose(results["metrics"]["test"]["llm"]["hr@10"],
+                             expected["metrics"]["test"]["llm"]["hr@10"], rtol=1e-6)
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif v is not None:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -10,7 +10,9 @@ Variants:
   full           every bridge direction on (the config as is);
   no_crm_to_llm  bridge.crm_to_llm = False (no soft prompts from the SASRec user state);
   no_item_tokens bridge.item_tokens = False and prompt.item_repr = "title" (titles only);
-  no_llm_to_crm  bridge.llm_to_crm = False (no T5 title knowledge in SASRec's items).
+  no_llm_to_crm  bridge.llm_to_crm = False (no T5 title knowledge in SASRec's items);
+  shield_crm     bridge.llm_grad_to_crm = False (the LLM head and soft prompts read SASRec
+                 through a stop-gradient: the LLM losses cannot degrade the CRM).
 SASRec alone is experiments/sasrec_ml100k.py (`experiments/bench_sasrec_ml100k.py`).
 
 Run (CPU; each run ~10-15 minutes on a quiet 2-core machine):
@@ -37,6 +39,8 @@ VARIANTS = {
     "no_crm_to_llm": {"bridge.crm_to_llm": False},
     "no_item_tokens": {"bridge.item_tokens": False, "prompt.item_repr": "title"},
     "no_llm_to_crm": {"bridge.llm_to_crm": False},
+    # Not an ablation: the LLM losses reach neither SASRec's items nor its user state.
+    "shield_crm": {"bridge.llm_grad_to_crm": False},
 }
 
 

@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bridge.align_pairs = ((1, 0), (2, 1)) # (T5 encoder hidden index, SASRec block)
   c.bridge.align_dim = 64
   c.bridge.title_mode = "cache"           # refreshed every title_refresh_steps
+  c.bridge.llm_grad_to_crm = True         # False: LLM losses do not reach SASRec
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kl_direction = "crm_llm"         # KL(p_crm || p_llm): the CRM teaches

@@ -11,8 +11,9 @@ Variants:
   no_crm_to_llm  bridge.crm_to_llm = False (no soft prompts from the SASRec user state);
   no_item_tokens bridge.item_tokens = False and prompt.item_repr = "title" (titles only);
   no_llm_to_crm  bridge.llm_to_crm = False (no T5 title knowledge in SASRec's items);
-  shield_crm     bridge.llm_grad_to_crm = False (the LLM head and soft prompts read SASRec
-                 through a stop-gradient: the LLM losses cannot degrade the CRM).
+  shield_crm     bridge.llm_grad_to_crm = False (the LLM head, item tokens and soft prompts
+                 read SASRec and the shared item memory through a stop-gradient: the LLM
+                 item loss and the KL do not reach SASRec).
 SASRec alone is experiments/sasrec_ml100k.py (`experiments/bench_sasrec_ml100k.py`).
 
 Run (CPU; each run ~10-15 minutes on a quiet 2-core machine):

@@ -50,6 +50,8 @@ def test_llm_grad_to_crm_switch(staged_run, shielded):
                                                         controls)
   crm_norm = float(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads["crm"])))
   assert (crm_norm == 0.0) == shielded, crm_norm
+  memory = np.asarray(grads["bridge"]["memory"]["item_memory"])   # SASRec reads it too
+  assert (not np.any(memory)) == shielded
   assert float(sum(np.sum(np.abs(np.asarray(g))) for g in jax.tree.leaves(grads["llm"]))) > 0
 
 

@@ -71,9 +71,10 @@ class PromptBuilder:
     self.prefix, self.separator, self.suffix = (np.asarray(p, np.int32) for p in pieces)
     self.titles = [np.asarray(t[:cfg.title_len], np.int32) for t in tokenize(list(titles))]
     fixed = len(self.prefix) + len(self.suffix) + 1          # + eos
-    if fixed + self._item_len(1) > cfg.prompt_len:
+    longest = max((self._item_len(i) for i in range(1, len(self.titles))), default=0)
+    if fixed + longest > cfg.prompt_len:
       raise ValueError(f"prompt.prompt_len={cfg.prompt_len} cannot hold the template "
-                       f"({fixed} tokens) and one item")
+                       f"({fixed} tokens) and the longest item ({longest} tokens)")
 
   def _item_len(self, item: int) -> int:
     n = len(self.separator)

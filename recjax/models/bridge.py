@@ -56,9 +56,10 @@ class BridgeConfig:
   align_pairs: tuple[tuple[int, int], ...] = ()
   align_dim: int = 32             # A: width of the alignment space
   init_std: float = 0.02
-  # False: the LLM head and the soft prompts read the bridged item table and the SASRec
-  # user state through a stop-gradient, so the LLM losses do not reach SASRec (nor the
-  # memory's CRM view); the memory's T5 view, the projections and T5 still learn.
+  # False: the LLM head, the item tokens and the soft prompts read the bridged item table,
+  # the shared item memory and the SASRec user state through a stop-gradient, so the LLM
+  # losses (item CE, KL) do not reach SASRec or the memory; `to_llm`, the head and T5 still
+  # learn. The CoReLLa alignment loss, when weighted, still trains both sides (its purpose).
   llm_grad_to_crm: bool = True
 
   def __post_init__(self):
@@ -106,8 +107,12 @@ class Memory(nn.Module):
     return out.at[0].set(0.0)
 
   def llm_items(self, num_rows: int) -> Array:
-    """float[num_rows, Dl]: the memory's LLM view."""
-    return self.to_llm(self.items(num_rows))
+    """float[num_rows, Dl]: the memory's LLM view (read through a stop-gradient when
+    `llm_grad_to_crm` is off, so the LLM losses do not move the memory SASRec reads)."""
+    items = self.items(num_rows)
+    if not self.cfg.llm_grad_to_crm:
+      items = jax.lax.stop_gradient(items)
+    return self.to_llm(items)
 
   def llm_users(self, user_ids: Array) -> Array:
     """int32[B] -> float[B, Dl]."""

@@ -74,6 +74,11 @@ class Checkpointer:
     return self.best.latest_step()
 
   def save_best(self, step: int, params: Any, meta: dict) -> None:
+    """Keeps `params` as the best so far. A run that died after saving the best at `step`
+    but before its latest checkpoint replays that step on restart and arrives here again
+    with the same parameters: the existing step is kept (Orbax refuses to overwrite)."""
+    if step in self.best.all_steps():
+      return
     self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
                    force=True)

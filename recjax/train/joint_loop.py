@@ -152,6 +152,9 @@ class JointBatcher:
 def stage_dataset(items, offsets, users, builder, *, max_len, stride, batch_size,
                   num_steps, seed, process_index=0, process_count=1):
   """`num_steps` batches over the windows of `users`, random access by step."""
+  if batch_size % process_count:
+    raise ValueError(f"input.batch_size={batch_size} not divisible by {process_count} "
+                     "processes")
   sub_items, sub_offsets = select_users(items, offsets, users)
   ends, starts = pipeline.window_ends(sub_offsets, stride)
   user_of_window = users[np.searchsorted(sub_offsets, starts, side="right") - 1]
@@ -299,17 +302,21 @@ def _create_state(config, task, tx, mesh, rng, ema: bool):
 
 
 def _load_llm_checkpoint(config, task, state, sharding):
-  """Replaces the random T5 with `llm.checkpoint` (fresh starts only)."""
+  """Replaces the random T5 with `llm.checkpoint` (fresh starts only), in the configured
+  parameter dtype; shapes and dtypes must match the configured T5."""
   from recjax.convert import load_t5_from_hf  # pylint: disable=g-import-not-at-top
-  module, llm_params = load_t5_from_hf(config.llm.checkpoint)
-  expected = jax.tree.map(lambda x: x.shape, state.params["llm"])
-  got = jax.tree.map(lambda x: tuple(x.shape), llm_params)
+  _, llm_params = load_t5_from_hf(config.llm.checkpoint,
+                                  param_dtype=task.cfg.llm.param_dtype)
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), state.params["llm"])
+  got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), llm_params)
   if expected != got:
     raise ValueError(f"llm.checkpoint {config.llm.checkpoint}: parameter shapes differ from "
                      "the configured T5 (set llm.preset to the checkpoint's size)")
-  llm = jax.device_put(llm_params, sharding.params["llm"])
-  params = {**state.params, "llm": llm}
-  ema = None if state.ema_params is None else {**state.ema_params, "llm": llm}
+  put = lambda: jax.device_put(llm_params, sharding.params["llm"])
+  params = {**state.params, "llm": put()}
+  # The EMA gets its own buffers: the step donates the state, and one buffer may not be
+  # donated twice.
+  ema = None if state.ema_params is None else {**state.ema_params, "llm": put()}
   return state.replace(params=params, ema_params=ema)
 
 
@@ -369,9 +376,9 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
     state = _load_llm_checkpoint(config, task, state, state_sharding)
   start_step = int(state.step)
   options = _compile_options(config)
-  train_step = joint_step_lib.make_joint_train_step(task.loss, tx, state_sharding, mesh,
-                                                   ema_decay=ema_decay,
-                                                   compiler_options=options)
+  train_step = joint_step_lib.make_joint_train_step(
+      task.loss, tx, state_sharding, mesh, ema_decay=ema_decay, compiler_options=options,
+      grad_accum=config.train.get("grad_accum", 1))
   catalogue_of = _catalogue_fn(task, builder, mesh, options)
   evaluator = JointEvaluator(task, data, builder, mesh, batch_size=config.eval.batch_size,
                              exclude_history=config.eval.exclude_history,

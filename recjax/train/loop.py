@@ -168,7 +168,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   start_step = int(state.step)
 
   train_step = step_lib.make_train_step(task.loss, tx, state_sharding, mesh,
-                                        ema_decay=ema_decay)
+                                        ema_decay=ema_decay,
+                                        grad_accum=config.train.get("grad_accum", 1))
   evaluators = build_evaluators(config, task, data, mesh)
   popularity = data.item_popularity()
   monitor_name = f"valid/{config.eval.protocols[0].name}"

@@ -7,7 +7,8 @@ test NDCG@10 / HR@10 of the joint model's CRM head, its LLM head, and the routed
 each LLM fraction, mean +- std over seeds.
 
 Variants:
-  full           every bridge direction on (the config as is);
+  full           every bridge direction on (the config as is: llm_grad_to_crm=False);
+  unshielded     full with bridge.llm_grad_to_crm = True;
   no_crm_to_llm  bridge.crm_to_llm = False (no soft prompts from the SASRec user state);
   no_item_tokens bridge.item_tokens = False and prompt.item_repr = "title" (titles only);
   no_llm_to_crm  bridge.llm_to_crm = False (no T5 title knowledge in SASRec's items);
@@ -40,8 +41,10 @@ VARIANTS = {
     "no_crm_to_llm": {"bridge.crm_to_llm": False},
     "no_item_tokens": {"bridge.item_tokens": False, "prompt.item_repr": "title"},
     "no_llm_to_crm": {"bridge.llm_to_crm": False},
-    # Not an ablation: the LLM losses reach neither SASRec's items nor its user state.
+    # The config's default is the shielded model; "unshielded" lets the LLM losses train
+    # SASRec (what the first "full" run measured).
     "shield_crm": {"bridge.llm_grad_to_crm": False},
+    "unshielded": {"bridge.llm_grad_to_crm": True},
 }
 
 

@@ -36,7 +36,6 @@ from recjax import sharding as shd
 from recjax.train import optimizer as optim_lib
 from recjax.train import state as state_lib
 from recjax.train import step as step_lib
-from recjax.train.joint_task import tower_norms
 from recjax.train.state import TrainState
 
 TOWERS = ("crm", "llm", "bridge")
@@ -138,16 +137,22 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       keep = jnp.asarray(trainable[t], bool)
       params[t] = _select(keep, new_params[t], state.params[t])
       opt_state[t] = _select(keep, new_opt[t], state.opt_state[t])
-    applied = jax.tree.map(lambda n, o: n - o, params, state.params)
+    # Norms per tower, each one pass over its tree; the global l2 norms follow from them.
+    # A frozen tower's update norm is exactly 0 (its update is discarded).
+    norms = {}
+    for t in state.params:
+      keep = jnp.asarray(trainable[t], bool)
+      norms[f"grad_norm/{t}"] = optax.tree.norm(grads[t])
+      norms[f"update_norm/{t}"] = jnp.where(keep, optax.tree.norm(updates[t]), 0.0)
+      norms[f"param_norm/{t}"] = optax.tree.norm(params[t])
+    total = lambda kind: jnp.sqrt(sum(jnp.square(norms[f"{kind}/{t}"]) for t in state.params))
     metrics = {
         "loss": loss,
         **aux,
-        **tower_norms(grads, "grad_norm"),
-        **tower_norms(applied, "update_norm"),
-        **tower_norms(params, "param_norm"),
-        "l2_grads": optax.tree.norm(grads),
-        "l2_params": optax.tree.norm(params),
-        "l2_updates": optax.tree.norm(applied),
+        **norms,
+        "l2_grads": total("grad_norm"),
+        "l2_params": total("param_norm"),
+        "l2_updates": total("update_norm"),
     }
     ema = state.ema_params
     if ema is not None:

@@ -38,7 +38,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from recjax import sharding as shd  # noqa: E402
-from recjax.data import pipeline  # noqa: E402
 from recjax.models.t5 import T5  # noqa: E402
 from recjax.train import joint_loop, joint_step, loop, stages  # noqa: E402
 from recjax.train import optimizer as optim_lib  # noqa: E402

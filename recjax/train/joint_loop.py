@@ -49,7 +49,6 @@ import numpy as np
 import tqdm
 
 from recjax import evaluation
-from recjax import metrics as metrics_lib
 from recjax import routing
 from recjax import sharding as shd
 from recjax.data import pipeline

@@ -98,7 +98,8 @@ def main():
   jstep = joint_step.make_joint_train_step(task.loss, tx, sharding, mesh,
                                            ema_decay=config.optim.ema_decay)
   catalogue = joint_loop._catalogue_fn(task, builder, mesh)(state.params)
-  controls = stages.controls(stages.SCHEDULES[config.loss.schedule][0], catalogue)
+  controls = stages.controls(stages.SCHEDULES[config.loss.schedule][0], state.params,
+                             catalogue)
   joint_batches = [shd.global_batch(b, mesh) for b in batches]
 
   # SASRec alone (the CRM config of the joint model, through the foundation's task).

@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.llm.num_decoder_layers = 1
   c.llm.dropout_rate = 0.1
   c.llm.checkpoint = ""                   # HF directory to convert; "" = from scratch
+  c.llm.text_head = False                 # no T5 token head: item losses never train it
 
   c.bridge = ml_collections.ConfigDict()
   c.bridge.memory_dim = 64                # shared item memory width

@@ -307,16 +307,28 @@ def _special_ids(module) -> tuple[int, int, int]:
   return int(start), int(eos), int(pad)
 
 
-def _encode(module, params: PyTree, input_ids: jax.Array,
+def _encode(module, params: PyTree, input_ids: jax.Array | None,
             attention_mask: jax.Array | None,
-            prefix_embeds: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+            prefix_embeds: jax.Array | None,
+            inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Runs the encoder once.
 
   Returns:
     encoded float[B, P + S, D] and the encoder mask int32[B, P + S], with P
     soft-prompt positions (always attended) when `prefix_embeds` float[B, P,
-    D] is given, else P = 0.
+    D] is given, else P = 0. With `inputs_embeds` float[B, S, D] the encoder
+    reads those vectors instead of embedding `input_ids` (then ignored).
   """
+  if inputs_embeds is not None:
+    if prefix_embeds is not None:
+      raise ValueError("pass the soft prompts inside inputs_embeds, not as prefix_embeds")
+    mask = (jnp.ones(inputs_embeds.shape[:2], jnp.int32) if attention_mask is None
+            else attention_mask.astype(jnp.int32))
+    encoded = module.apply({"params": params}, inputs_embeds, mask,
+                           method="encode_embeds")
+    return encoded, mask
+  if input_ids is None:
+    raise ValueError("generate needs input_ids or inputs_embeds")
   mask = (jnp.ones_like(input_ids, jnp.int32) if attention_mask is None
           else attention_mask.astype(jnp.int32))
   kwargs = {} if prefix_embeds is None else {"prefix_embeds": prefix_embeds}
@@ -344,7 +356,7 @@ def _t5_step_fn(module, params: PyTree, encoded: jax.Array,
     jax.jit, static_argnames=(
         "module", "max_decode_len", "method", "num_beams", "early_stopping",
         "top_k", "return_all_beams"))
-def generate(module, params: PyTree, input_ids: jax.Array,
+def generate(module, params: PyTree, input_ids: jax.Array | None,
              attention_mask: jax.Array | None = None, *, max_decode_len: int,
              method: str = "greedy", num_beams: int = 4,
              length_penalty: float | jax.Array = 1.0,
@@ -352,14 +364,15 @@ def generate(module, params: PyTree, input_ids: jax.Array,
              temperature: float | jax.Array = 1.0, top_k: int = 0,
              rng: jax.Array | None = None, trie: Trie | None = None,
              min_len: int | jax.Array = 0, return_all_beams: bool = False,
-             prefix_embeds: jax.Array | None = None
+             prefix_embeds: jax.Array | None = None,
+             inputs_embeds: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
   """Generates from a T5 module: encodes once, decodes with the KV cache.
 
   Args:
     module: a `recjax.models.t5.T5` (static: hashable linen module).
     params: its parameters (`scan_layers=False` layout).
-    input_ids: int32[B, S] encoder tokens.
+    input_ids: int32[B, S] encoder tokens (None with `inputs_embeds`).
     attention_mask: int32[B, S] (1 = token); None means all ones.
     max_decode_len: L generated tokens (the decoder start token excluded).
     method: "greedy", "beam" or "sample".
@@ -371,6 +384,9 @@ def generate(module, params: PyTree, input_ids: jax.Array,
     return_all_beams: for "beam", return all K beams ([B, K, L], [B, K]).
     prefix_embeds: optional float[B, P, D] soft prompt put before the
       embedded input tokens (see `T5.encode`).
+    inputs_embeds: optional float[B, S, D] encoder input vectors used instead
+      of embedding `input_ids` (the joint model's prompts: soft prompts, item
+      tokens and text; `recjax.models.joint.JointModel.prompt_embeds`).
 
   Returns:
     tokens int32[B, L] (pad after eos) and scores float32[B]: summed
@@ -387,7 +403,7 @@ def generate(module, params: PyTree, input_ids: jax.Array,
                      f"longest trie sequence ({trie.max_len}).")
   start_id, eos_id, pad_id = _special_ids(module)
   encoded, enc_mask = _encode(module, params, input_ids, attention_mask,
-                              prefix_embeds)
+                              prefix_embeds, inputs_embeds)
   batch, enc_len = enc_mask.shape
   # B rows; beam_search repeats them for its B * K hypotheses.
   cache = t5.init_cache(module, batch, max_decode_len, enc_len)

@@ -121,9 +121,10 @@ def _joint_setup(config, num_items: int, batch_size: int):
   else:
     catalogue = {"title_ids": _struct((n, tt), jnp.int32),
                  "title_mask": _struct((n, tt), bool)}
+  abstract_params = jax.eval_shape(task.init, jax.random.key(0))
   controls = jax.eval_shape(lambda: stage_controls(
       {"crm": 1.0, "llm": 1.0, "kl": 1.0, "layer": 1.0},
-      {"crm": True, "llm": True, "bridge": True}))
+      {"crm": True, "llm": True, "bridge": True}, abstract_params))
   controls["catalogue"] = catalogue
 
   def make_step(state_sharding, mesh, grad_accum, compiler_options):

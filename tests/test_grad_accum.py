@@ -98,7 +98,7 @@ def test_joint_accumulation_equals_full_batch():
   rng = np.random.default_rng(3)
   controls = stage_controls(
       {"crm": 1.0, "llm": 1.0, "kl": 0.5, "layer": 0.3},
-      {"crm": True, "llm": True, "bridge": True},
+      {"crm": True, "llm": True, "bridge": True}, init_state.params,
       {"title_table": rng.normal(size=(jt.NUM_ITEMS + 1, jt.LLM.d_model)
                                  ).astype(np.float32)})
   batch = jt.batch(0)

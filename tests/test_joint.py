@@ -4,12 +4,14 @@ unchanged, stages switch without recompiling."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from recjax import sharding as shd
 from recjax.train import joint_step
 from recjax.train import stages
-from recjax.train.joint_task import JointTask, kl_divergence, stage_controls
+from recjax.train.joint_task import (JointTask, kl_divergence, stage_controls,
+                                     trainable_mask)
 
 import joint_testing as jt
 
@@ -24,7 +26,7 @@ def _np(tree):
 def test_gradients_reach_every_tower_and_leaf(staged_run):
   task = JointTask(jt.CONFIG, kl_stop_grad="none")
   params = staged_run[1][0][1].params          # the initial parameters
-  controls = stage_controls(ALL_ON, ALL_TRAIN, jt.catalogue())
+  controls = stage_controls(ALL_ON, ALL_TRAIN, params, jt.catalogue())
   grad_fn = jt.jit(jax.grad(task.loss, has_aux=True))
   grads, metrics = grad_fn(params, jt.batch(), jax.random.key(1), controls)
   for term in ("crm", "llm", "kl", "layer"):
@@ -45,7 +47,7 @@ def test_llm_grad_to_crm_switch(staged_run, shielded):
   """bridge.llm_grad_to_crm=False: the LLM loss leaves every SASRec parameter untouched."""
   task = JointTask(jt.config(llm_grad_to_crm=not shielded))
   params = staged_run[1][0][1].params
-  controls = stage_controls({"llm": 1.0}, ALL_TRAIN, jt.catalogue())
+  controls = stage_controls({"llm": 1.0}, ALL_TRAIN, params, jt.catalogue())
   grads, _ = jt.jit(jax.grad(task.loss, has_aux=True))(params, jt.batch(), jax.random.key(1),
                                                         controls)
   crm_norm = float(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads["crm"])))
@@ -74,6 +76,13 @@ def test_kl_direction_and_stop_gradient():
   assert not np.any(np.asarray(gb)[2])   # masked row
 
 
+# Parts of towers by path pattern: T5 without its first encoder block, the soft prompts
+# alone of the bridge, SASRec frozen.
+PARTIAL = stages.Stage("partial", 1.0, {"crm": 1.0, "llm": 1.0, "kl": 0.5},
+                       {"llm": True, "llm/encoder/block_0": False,
+                        "bridge/crm_to_llm/.*": True})
+
+
 @pytest.fixture(scope="module")
 def staged_run():
   """One compiled step, driven through the CoReLLa stages and a frozen-CRM stage."""
@@ -92,9 +101,12 @@ def staged_run():
                                           compiler_options=jt.FAST_COMPILE)
   catalogue = jt.catalogue()
   history = [("init", _np(state), None)]
-  plan = [stages.controls(s, catalogue) for s in stages.SCHEDULES["corella"]]
-  plan += [stages.controls(stages.SCHEDULES["joint"][0], catalogue)]
-  plan += [stages.controls(s, catalogue) for s in stages.SCHEDULES["delrec"]]
+  plan = [stages.controls(s, state.params, catalogue)
+          for s in stages.SCHEDULES["corella"]]
+  plan += [stages.controls(stages.SCHEDULES["joint"][0], state.params, catalogue)]
+  plan += [stages.controls(s, state.params, catalogue)
+           for s in stages.SCHEDULES["delrec"]]
+  plan += [stages.controls(PARTIAL, state.params, catalogue)]
   for i, controls in enumerate(plan):
     state, metrics = step(state, shd.global_batch(jt.batch(i), mesh), jax.random.key(1),
                           controls)
@@ -104,26 +116,73 @@ def staged_run():
 
 def test_stages_do_not_recompile(staged_run):
   plan, history, traces = staged_run
-  assert len(plan) == 6
+  assert len(plan) == 7
   assert len(traces) == 1, f"step traced {len(traces)} times"
 
 
-def test_frozen_towers_are_bitwise_unchanged(staged_run):
+def _same(a, b):
+  return jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)
+
+
+def test_frozen_parameters_are_bitwise_unchanged(staged_run):
+  """Every frozen parameter, and its optimizer moments, is bitwise unchanged; trainable
+  ones move; a tower's step count advances iff any of its parameters trains."""
   plan, history, _ = staged_run
   for k, controls in enumerate(plan):
     before, after, metrics = history[k][1], history[k + 1][1], history[k + 1][2]
+    flags = controls["trainable"]
+    same = _same(before.params, after.params)
+    for (path, flag), equal in zip(jax.tree_util.tree_leaves_with_path(flags),
+                                   jax.tree.leaves(same)):
+      assert bool(flag) or equal, (k, jax.tree_util.keystr(path))
+    moved = [not e for f, e in zip(jax.tree.leaves(flags), jax.tree.leaves(same)) if bool(f)]
+    assert any(moved), k
     for tower in ("crm", "llm", "bridge"):
-      same_params = jax.tree.leaves(jax.tree.map(
-          lambda a, b: np.array_equal(a, b), before.params[tower], after.params[tower]))
-      same_opt = jax.tree.leaves(jax.tree.map(
-          lambda a, b: np.array_equal(a, b), before.opt_state[tower],
-          after.opt_state[tower]))
-      if bool(controls["trainable"][tower]):
-        assert not all(same_params), (k, tower)
+      any_trains = any(bool(f) for f in jax.tree.leaves(flags[tower]))
+      mu_before = optax.tree_map_params(  # the moments of frozen parameters are kept
+          joint_step.make_joint_optimizer(jt.OPTIM, 100).txs[tower],
+          lambda p, f: None if bool(f) else p, before.opt_state[tower], flags[tower],
+          transform_non_params=lambda _: None)
+      mu_after = optax.tree_map_params(
+          joint_step.make_joint_optimizer(jt.OPTIM, 100).txs[tower],
+          lambda p, f: None if bool(f) else p, after.opt_state[tower], flags[tower],
+          transform_non_params=lambda _: None)
+      assert all(jax.tree.leaves(_same(mu_before, mu_after))), (k, tower)
+      counts = [(path, a, b) for (path, a), b in zip(
+          jax.tree_util.tree_leaves_with_path(before.opt_state[tower]),
+          jax.tree.leaves(after.opt_state[tower])) if "count" in jax.tree_util.keystr(path)]
+      assert counts
+      for path, a, b in counts:
+        assert (int(b) == int(a) + 1) == any_trains, (k, tower, path)
+      if any_trains:
         assert metrics[f"update_norm/{tower}"] > 0
       else:
-        assert all(same_params) and all(same_opt), (k, tower)
         assert metrics[f"update_norm/{tower}"] == 0
+
+
+def test_partial_stage_trains_by_path_pattern(staged_run):
+  plan, history, _ = staged_run
+  flags = plan[-1]["trainable"]
+  assert not any(bool(f) for f in jax.tree.leaves(flags["crm"]))
+  assert not any(bool(f) for f in jax.tree.leaves(flags["llm"]["encoder"]["block_0"]))
+  assert all(bool(f) for f in jax.tree.leaves(flags["llm"]["decoder"]))
+  bridge = {jax.tree_util.keystr(p): bool(f)
+            for p, f in jax.tree_util.tree_leaves_with_path(flags["bridge"])}
+  assert bridge and all(v == ("crm_to_llm" in k) for k, v in bridge.items()), bridge
+
+
+def test_trainable_patterns_last_match_wins_and_typos_fail():
+  params = {"crm": {"emb": np.zeros(2)}, "llm": {"lm_head": {"kernel": np.zeros(2)},
+                                                   "enc": {"kernel": np.zeros(2)}}}
+  flags = trainable_mask({"llm": True, "llm/lm_head": False}, params)
+  assert jax.tree.map(bool, flags) == {
+      "crm": {"emb": False}, "llm": {"lm_head": {"kernel": False}, "enc": {"kernel": True}}}
+  flags = trainable_mask({"llm/lm_head": False, "llm": True}, params)
+  assert bool(flags["llm"]["lm_head"]["kernel"])
+  flags = trainable_mask({".*/kernel": True}, params)
+  assert not bool(flags["crm"]["emb"]) and bool(flags["llm"]["enc"]["kernel"])
+  with pytest.raises(ValueError, match="'llm/lm_haed' matches no parameter"):
+    trainable_mask({"llm/lm_haed": False}, params)
 
 
 def test_metrics_report_every_term_and_tower(staged_run):
@@ -139,15 +198,18 @@ def test_metrics_report_every_term_and_tower(staged_run):
   np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
 
 
+FAKE_PARAMS = {t: {"w": np.zeros(1)} for t in ("crm", "llm", "bridge")}
+
+
 def test_schedules_are_data():
   for name, schedule in stages.SCHEDULES.items():
     starts = stages.stage_boundaries(schedule, 100)
     assert starts[0] == 0 and starts == sorted(starts), name
     assert stages.stage_at(schedule, 99, 100) is schedule[-1]
-    structure = {jax.tree.structure(stages.controls(s)) for s in schedule}
+    structure = {jax.tree.structure(stages.controls(s, FAKE_PARAMS)) for s in schedule}
     assert len(structure) == 1
   corella = stages.SCHEDULES["corella"]
   assert [dict(s.weights) for s in corella] == [
       {"crm": 1.0}, {"crm": 1.0, "llm": 1.0, "layer": 0.1}, {"llm": 1.0}]
   with pytest.raises(ValueError, match="unknown loss weights"):
-    stage_controls({"crm": 1.0, "typo": 1.0}, {})
+    stage_controls({"crm": 1.0, "typo": 1.0}, {}, FAKE_PARAMS)

@@ -39,7 +39,7 @@ def _train(mesh, rules, num_steps=2):
   step = joint_step.make_joint_train_step(task.loss, tx, sharding, mesh,
                                           compiler_options=jt.FAST_COMPILE)
   controls = stage_controls(WEIGHTS, {"crm": True, "llm": True, "bridge": True},
-                            _catalogue())
+                            state.params, _catalogue())
   metrics = []
   for i in range(num_steps):
     state, m = step(state, shd.global_batch(jt.batch(i), mesh), jax.random.key(1),

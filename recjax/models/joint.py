@@ -44,6 +44,10 @@ class JointConfig:
   llm: T5Config
   bridge: BridgeConfig = BridgeConfig()
   title_mode: str = "step"   # "step" (fresh, in the jit) or "cache" (input); see module doc
+  # Keep T5's token head (`lm_head`, untied T5 v1.1) in the params: needed to generate
+  # titles (`JointTask.generate`) and kept by checkpoint import. The item losses never
+  # reach it, so a model trained only on them can drop it (no parameters, no Adam state).
+  text_head: bool = True
 
   def __post_init__(self):
     if self.title_mode not in ("step", "cache"):
@@ -122,6 +126,32 @@ class JointModel(nn.Module):
     return self.crm.score(hidden, item_table=bridged)
 
   # ---- CRM -> LLM and the LLM head -------------------------------------------------------
+  def prompt_embeds(self, batch: dict, user_state: Array, mem_llm: Array
+                    ) -> tuple[Array, Array]:
+    """The T5 encoder input: K soft prompts, then the prompt with item tokens.
+
+    Returns (float[B, K + T, Dl], bool[B, K + T]); K = 0 without `crm_to_llm`.
+    """
+    cfg = self.cfg
+    mask = batch["llm_input_mask"].astype(bool)
+    x = self.llm.shared(batch["llm_input_ids"])
+    if cfg.bridge.item_tokens:
+      x = self.bridge.item_tokens(x, batch["llm_item_ids"], mem_llm)
+    if cfg.bridge.crm_to_llm:
+      prompts = self.bridge.crm_to_llm(user_state)
+      if cfg.bridge.user_memory:
+        prompts = prompts + self.bridge.memory.llm_users(batch["user_ids"])[:, None]
+      x = jnp.concatenate([prompts.astype(x.dtype), x], axis=1)
+      mask = jnp.concatenate([jnp.ones(prompts.shape[:2], bool), mask], axis=1)
+    return x, mask
+
+  def generation_inputs(self, batch: dict, catalogue: dict) -> tuple[Array, Array]:
+    """(float[B, K + T, Dl], bool[B, K + T]) encoder inputs for title generation
+    (`recjax.decoding.generate(..., inputs_embeds=...)`), deterministic."""
+    _, extra, mem_llm = self.item_tables(self.title_table(catalogue, True))
+    x, _ = self.crm_forward(batch["inputs"], extra, deterministic=True)
+    return self.prompt_embeds(batch, x[:, -1], mem_llm)
+
   def llm_forward(self, batch: dict, user_state: Array, mem_llm: Array, *,
                   deterministic: bool):
     """Encodes the prompt (soft prompts + item tokens), one decoder step.
@@ -131,16 +161,7 @@ class JointModel(nn.Module):
     """
     cfg = self.cfg
     ids = batch["llm_input_ids"]
-    mask = batch["llm_input_mask"].astype(bool)
-    x = self.llm.shared(ids)
-    if cfg.bridge.item_tokens:
-      x = self.bridge.item_tokens(x, batch["llm_item_ids"], mem_llm)
-    if cfg.bridge.crm_to_llm:
-      prompts = self.bridge.crm_to_llm(user_state)
-      if cfg.bridge.user_memory:
-        prompts = prompts + self.bridge.memory.llm_users(batch["user_ids"])[:, None]
-      x = jnp.concatenate([prompts.astype(x.dtype), x], axis=1)
-      mask = jnp.concatenate([jnp.ones(prompts.shape[:2], bool), mask], axis=1)
+    x, mask = self.prompt_embeds(batch, user_state, mem_llm)
     encoded, enc_hidden = self.llm.encoder(x, mask, deterministic=deterministic)
     start = jnp.full((ids.shape[0], 1), cfg.llm.decoder_start_token_id, jnp.int32)
     y, _ = self.llm.decoder(self.llm.shared(start), None, encoded, mask,
@@ -181,7 +202,8 @@ class JointModel(nn.Module):
       user_state, head_items = jax.lax.stop_gradient((user_state, bridged))
     state, enc_hidden, enc_mask = self.llm_forward(batch, user_state, mem_llm,
                                                    deterministic=deterministic)
-    if self.is_initializing() and not self.cfg.llm.tie_word_embeddings:
+    if (self.is_initializing() and self.cfg.text_head
+        and not self.cfg.llm.tie_word_embeddings):
       # Create T5's token head too, so the "llm" tree is the full checkpoint tree (text
       # tasks and checkpoint conversion need it); the item head does not use it.
       self.llm.lm_head(state)

@@ -271,6 +271,14 @@ class T5(nn.Module):
     y, hidden = self.encoder(x, _as_bool(attention_mask), deterministic=deterministic)
     return (y, hidden) if return_hidden else y
 
+  def encode_embeds(self, inputs_embeds: Array, attention_mask: Array | None = None, *,
+                    deterministic: bool = True) -> Array:
+    """float[B, S, D] input embeddings (e.g. soft prompts + item tokens + text) ->
+    float[B, S, D] encodings; for inputs that are not all vocabulary tokens."""
+    y, _ = self.encoder(inputs_embeds.astype(self.config.dtype), _as_bool(attention_mask),
+                        deterministic=deterministic)
+    return y
+
   def decode(self, encoded: Array, encoder_mask: Array | None, decoder_input_ids: Array,
              decoder_attention_mask: Array | None = None, *, deterministic: bool = True,
              decode: bool = False, return_hidden: bool = False):

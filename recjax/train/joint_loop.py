@@ -306,6 +306,8 @@ def _load_llm_checkpoint(config, task, state, sharding):
   from recjax.convert import load_t5_from_hf  # pylint: disable=g-import-not-at-top
   _, llm_params = load_t5_from_hf(config.llm.checkpoint,
                                   param_dtype=task.cfg.llm.param_dtype)
+  if not task.cfg.text_head:       # llm.text_head=False: the joint model has no lm_head
+    llm_params = {k: v for k, v in llm_params.items() if k != "lm_head"}
   expected = jax.tree.map(lambda x: (x.shape, x.dtype), state.params["llm"])
   got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), llm_params)
   if expected != got:
@@ -411,7 +413,8 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
         if caching and step % refresh == 0 and step != start_step:
           catalogue, version = catalogue_of(state.params), version + 1
         if (stage.name, version) not in controls_cache:
-          controls_cache = {(stage.name, version): stages_lib.controls(stage, catalogue)}
+          controls_cache = {(stage.name, version): stages_lib.controls(
+              stage, state.params, catalogue)}
         state, metrics = train_step(state, shd.global_batch(batch, mesh), train_rng,
                                     controls_cache[(stage.name, version)])
         pending.append(metrics)

@@ -1,17 +1,19 @@
 """One jitted joint update with per-tower optimizers and *dynamic* trainable masks.
 
 `step(state, batch, rng, controls) -> (state, metrics)`, `controls` as built by
-`recjax.train.joint_task.stage_controls`: {"weights": {term: f32[]}, "trainable":
-{tower: bool[]}, "catalogue": {...}}. Because weights and masks are array inputs, every
-stage of a schedule runs the same compiled program.
+`recjax.train.joint_task.stage_controls`: {"weights": {term: f32[]}, "trainable": a
+params-shaped tree of bool[] (one flag per parameter, from the stage's tower / path
+patterns), "catalogue": {...}}. Because weights and flags are array inputs, every stage of
+a schedule runs the same compiled program.
 
 Freezing: each tower ("crm", "llm", "bridge") has its own optax state (`per_tower`). After
-the update, a frozen tower's params AND optimizer state are selected back from the old
-state with `jnp.where(trainable, new, old)`, so they are bitwise unchanged: no weight decay,
-no Adam momentum carried over from an earlier stage, and its step count does not advance
-(bias correction resumes where it stopped). Zeroing the gradient alone would not do that
-(momentum and decoupled weight decay still move parameters), and `optax.masked` needs a
-static mask. Cost: a frozen tower's gradient is still computed (the mask is dynamic).
+the update, a frozen parameter and its optimizer moments are selected back from the old
+state with `jnp.where(flag, new, old)`, so they are bitwise unchanged: no weight decay, no
+Adam momentum carried over from an earlier stage. A tower's step count (bias correction,
+lr schedule) advances while any of its parameters trains, so a wholly frozen tower resumes
+where it stopped. Zeroing the gradient alone would not do that (momentum and decoupled
+weight decay still move parameters), and `optax.masked` needs a static mask. Cost: a
+frozen parameter's gradient and update are still computed (the flags are dynamic).
 
 Differences from `recjax.train.step.make_train_step` (which takes `loss_fn(params, batch,
 rng)` and has one optimizer state): the extra `controls` argument (replicated), per-tower
@@ -24,7 +26,7 @@ equally by default (see `make_joint_train_step`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,15 @@ from recjax.train.state import TrainState
 TOWERS = ("crm", "llm", "bridge")
 
 
-def per_tower(txs: Mapping[str, optax.GradientTransformation]
-              ) -> optax.GradientTransformation:
+class PerTower(NamedTuple):
+  """An optax `GradientTransformation` (init, update) that also exposes its per-tower
+  optimizers (`txs`), so the step can map trainable flags over each tower's state."""
+  init: Callable
+  update: Callable
+  txs: Mapping[str, optax.GradientTransformation]
+
+
+def per_tower(txs: Mapping[str, optax.GradientTransformation]) -> PerTower:
   """One optimizer per top-level key of the params; the state is {tower: state}."""
   txs = dict(txs)
 
@@ -63,11 +72,10 @@ def per_tower(txs: Mapping[str, optax.GradientTransformation]
       raise ValueError(f"per_tower: params have towers {sorted(tree)}, optimizers "
                        f"{sorted(txs)}")
 
-  return optax.GradientTransformation(init, update)
+  return PerTower(init, update, txs)
 
 
-def make_joint_optimizer(cfg, num_steps: int, towers=TOWERS
-                         ) -> optax.GradientTransformation:
+def make_joint_optimizer(cfg, num_steps: int, towers=TOWERS) -> PerTower:
   """`make_optimizer(cfg)` per tower; `cfg.tower_lr` ({tower: lr}) overrides the lr.
 
   Gradient clipping (`cfg.grad_clip`) is per tower.
@@ -95,8 +103,21 @@ def create_joint_train_state(init_params: Callable[[jax.Array], Any],
                                       compiler_options=compiler_options)
 
 
-def _select(keep, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+def _select(mask, new, old):
+  """Per leaf: `new` where its flag is set, else `old` (mask: same tree, bool[] leaves)."""
+  return jax.tree.map(lambda m, n, o: jnp.where(m, n, o), mask, new, old)
+
+
+def _opt_state_mask(tx: optax.GradientTransformation, opt_state, mask):
+  """The per-parameter flags mapped onto one tower's optimizer state.
+
+  Parameter-shaped parts of the state (Adam moments, ...) take each parameter's flag;
+  the rest (step counts, schedule state) advances when any parameter of the tower trains.
+  """
+  anyone = jnp.any(jnp.stack([jnp.asarray(m) for m in jax.tree.leaves(mask)] or
+                             [jnp.asarray(False)]))
+  return optax.tree_map_params(tx, lambda _, m: m, opt_state, mask,
+                               transform_non_params=lambda _: anyone)
 
 
 LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
@@ -109,7 +130,7 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                           grad_accum: int = 1, weight_key: str | None = None):
   """Compiles `loss_fn(params, batch, rng, controls)` into one masked update.
 
-  tx: a `per_tower` optimizer (its state must be {tower: state}). The state is donated,
+  tx: a `per_tower` optimizer (`PerTower`; its state is {tower: state}). The state is donated,
   the batch sharded over the data-like axes, rng and controls replicated; the rng is folded
   with the step. compiler_options: passed to `jax.jit` (tests use cheap XLA options).
   grad_accum: micro-batches per step, scanned inside the one jit with one optimizer update
@@ -131,19 +152,21 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         params_sharding=state_sharding.params, weight_key=weight_key)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    trainable = controls["trainable"]
-    params, opt_state = {}, {}
-    for t in state.params:
-      keep = jnp.asarray(trainable[t], bool)
-      params[t] = _select(keep, new_params[t], state.params[t])
-      opt_state[t] = _select(keep, new_opt[t], state.opt_state[t])
+    mask = controls["trainable"]
+    if jax.tree.structure(mask) != jax.tree.structure(state.params):
+      raise ValueError("controls['trainable'] must be a params-shaped tree of flags "
+                       "(joint_task.trainable_mask)")
+    params = _select(mask, new_params, state.params)
+    opt_state = {t: _select(_opt_state_mask(tx.txs[t], new_opt[t], mask[t]), new_opt[t],
+                            state.opt_state[t])
+                 for t in state.params}
     # Norms per tower, each one pass over its tree; the global l2 norms follow from them.
-    # A frozen tower's update norm is exactly 0 (its update is discarded).
+    # A frozen parameter's update is discarded, so it counts 0 in the update norm.
+    zero = lambda m, u: jnp.where(m, u, jnp.zeros_like(u))
     norms = {}
     for t in state.params:
-      keep = jnp.asarray(trainable[t], bool)
       norms[f"grad_norm/{t}"] = optax.tree.norm(grads[t])
-      norms[f"update_norm/{t}"] = jnp.where(keep, optax.tree.norm(updates[t]), 0.0)
+      norms[f"update_norm/{t}"] = optax.tree.norm(jax.tree.map(zero, mask[t], updates[t]))
       norms[f"param_norm/{t}"] = optax.tree.norm(params[t])
     total = lambda kind: jnp.sqrt(sum(jnp.square(norms[f"{kind}/{t}"]) for t in state.params))
     metrics = {
@@ -156,10 +179,8 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     }
     ema = state.ema_params
     if ema is not None:
-      ema = {t: _select(jnp.asarray(trainable[t], bool),
-                        jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e),
-                                     ema[t], params[t]), ema[t])
-             for t in ema}
+      ema = _select(mask, jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e),
+                                       ema, params), ema)
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, ema_params=ema)
     return new_state, metrics

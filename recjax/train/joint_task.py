@@ -22,13 +22,18 @@ Terms (B rows, S CRM targets per row, N items; item 0 = padding is never a label
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from recjax import losses
 from recjax.models.joint import JointConfig, JointModel
+from recjax.models.t5 import T5
 
 Array = jax.Array
 
@@ -79,9 +84,50 @@ def layer_alignment(pairs, mask: Array, p: float = 2.0) -> tuple[Array, Array]:
   return jnp.sum(per_row * mask), jnp.sum(mask)
 
 
-def stage_controls(weights: dict[str, float], trainable: dict[str, bool],
+def param_path(path) -> str:
+  """A `jax.tree_util` key path as "crm/block_0/mlp/wi/kernel"."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def trainable_mask(trainable: dict[str, bool], params) -> Any:
+  """Per-parameter trainable flags from path patterns: a params-shaped tree of bool[].
+
+  trainable: {pattern: flag}. A pattern is a tower name or any prefix of a parameter path
+  ("crm", "bridge/crm_to_llm") or a regular expression matched against the whole path
+  ("llm/.*/SelfAttention/.*"). For each parameter the *last* matching pattern decides;
+  a parameter no pattern matches is frozen. So {"llm": True, "llm/lm_head": False} trains
+  T5 except its token head. A pattern that matches no parameter is an error (a typo must
+  not silently freeze or train the wrong thing).
+  params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s; only paths are read).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))
+  paths = [param_path(p) for p, _ in leaves]
+  flags = [False] * len(paths)
+  for pattern, flag in trainable.items():
+    hits = [i for i, path in enumerate(paths)
+            if path == pattern or path.startswith(pattern + "/")
+            or re.fullmatch(pattern, path)]
+    if not hits:
+      towers = sorted({path.split("/")[0] for path in paths})
+      raise ValueError(f"trainable pattern {pattern!r} matches no parameter (towers "
+                       f"{towers}; paths look like {paths[0]!r})")
+    for i in hits:
+      flags[i] = bool(flag)
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(f) for f in flags])
+
+
+def stage_controls(weights: dict[str, float], trainable: dict[str, bool], params,
                    catalogue: dict | None = None) -> dict:
-  """The step's `controls` pytree: float32 weights, bool trainable flags, catalogue.
+  """The step's `controls` pytree: float32 weights, per-parameter bool trainable flags
+  (`trainable_mask(trainable, params)`), the catalogue.
 
   Always the same structure and dtypes, so every stage reuses one compiled step.
   """
@@ -90,8 +136,7 @@ def stage_controls(weights: dict[str, float], trainable: dict[str, bool],
     raise ValueError(f"unknown loss weights {sorted(unknown)}; known {LOSS_TERMS}")
   return {
       "weights": {k: jnp.asarray(weights.get(k, 0.0), jnp.float32) for k in LOSS_TERMS},
-      "trainable": {t: jnp.asarray(bool(trainable.get(t, False)))
-                    for t in ("crm", "llm", "bridge")},
+      "trainable": trainable_mask(dict(trainable), params),
       "catalogue": {} if catalogue is None else dict(catalogue),
   }
 
@@ -167,6 +212,86 @@ class JointTask:
     return self.model.apply({"params": params}, histories, catalogue,
                             method=JointModel.crm_scores)
 
+  def generate(self, params, batch: dict, catalogue: dict, index: "TitleIndex", *,
+               num_beams: int = 10, length_penalty: float = 1.0
+               ) -> tuple[np.ndarray, Array, Array]:
+    """Recommends by generating item titles: constrained beam search over the catalogue.
+
+    The T5 encoder reads the same prompt as the item head (soft prompts from SASRec's
+    user state, item tokens, text); the decoder and T5's token head (`lm_head`, or the
+    tied embeddings) generate, and the title trie (`index.trie`) allows only catalogue
+    titles. A from-scratch T5 learns nothing for its token head from the item losses, so
+    this is for an LLM with a text head (a FLAN-T5 checkpoint, or trained on titles).
+    Returns (items int32[B, num_beams] item ids by rank (0 = none), titles int32[B,
+    num_beams, Lt], beam scores float32[B, num_beams]).
+    """
+    from recjax import decoding  # pylint: disable=g-import-not-at-top
+    if not self.cfg.text_head and not self.cfg.llm.tie_word_embeddings:
+      raise ValueError("generate needs T5's token head: set llm.text_head=True")
+    x, mask = self.model.apply({"params": params}, batch, catalogue,
+                               method=JointModel.generation_inputs)
+    tokens, scores = decoding.generate(
+        T5(self.cfg.llm), params["llm"], None, mask, inputs_embeds=x,
+        max_decode_len=int(index.trie.max_len), method="beam", num_beams=num_beams,
+        length_penalty=length_penalty, trie=index.trie, return_all_beams=True)
+    return index.rank(np.asarray(tokens), num_beams), tokens, scores
+
+
+@dataclasses.dataclass(frozen=True)
+class TitleIndex:
+  """Catalogue titles for constrained decoding: a trie and title -> item ids.
+
+  Items with the same title share one trie path; a generated title stands for all of
+  them (in item-id order). Items without title tokens cannot be generated:
+  `untitled` counts them.
+  """
+  trie: Any                                      # recjax.trie.Trie
+  items_of: dict[tuple[int, ...], tuple[int, ...]]
+  eos_id: int
+  untitled: int
+
+  @classmethod
+  def build(cls, title_ids: np.ndarray, title_mask: np.ndarray, eos_id: int = 1
+            ) -> "TitleIndex":
+    """title_ids int32[N + 1, Tt], title_mask bool[N + 1, Tt] (row 0 = padding)."""
+    from recjax import trie as trie_lib  # pylint: disable=g-import-not-at-top
+    title_ids, title_mask = np.asarray(title_ids), np.asarray(title_mask, bool)
+    items_of: dict[tuple[int, ...], list[int]] = {}
+    untitled = 0
+    for item in range(1, title_ids.shape[0]):
+      seq = tuple(int(t) for t in title_ids[item][title_mask[item]])
+      if seq and seq[-1] == eos_id:
+        seq = seq[:-1]
+      if not seq:
+        untitled += 1
+        continue
+      items_of.setdefault(seq, []).append(item)
+    if not items_of:
+      raise ValueError("TitleIndex: no item has a title")
+    trie = trie_lib.build_trie(list(items_of), eos_id=eos_id)
+    return cls(trie, {k: tuple(v) for k, v in items_of.items()}, eos_id, untitled)
+
+  def title(self, tokens) -> tuple[int, ...]:
+    """Generated int32[Lt] (eos, then padding) -> the title's tokens."""
+    out = []
+    for t in np.asarray(tokens).tolist():
+      if t == self.eos_id:
+        break
+      out.append(int(t))
+    return tuple(out)
+
+  def rank(self, tokens: np.ndarray, k: int) -> np.ndarray:
+    """int32[B, beams, Lt] generated titles -> int32[B, k] items by rank (0 = none)."""
+    out = np.zeros((tokens.shape[0], k), np.int32)
+    for b in range(tokens.shape[0]):
+      ranked: list[int] = []
+      for beam in tokens[b]:
+        for item in self.items_of.get(self.title(beam), ()):
+          if item not in ranked:
+            ranked.append(item)
+      out[b, :min(k, len(ranked))] = ranked[:k]
+    return out
+
 
 def tower_norms(tree: dict, prefix: str) -> dict[str, Array]:
   """{f"{prefix}/{tower}": l2 norm} for every top-level key of a params-like tree."""
@@ -198,12 +323,13 @@ def build_joint_task(config, num_items: int) -> JointTask:
   llm_cfg = check_dtypes(config.llm.to_dict(), "llm", ("dtype", "param_dtype"))
   preset = llm_cfg.pop("preset")
   llm_cfg.pop("checkpoint", None)
+  text_head = bool(llm_cfg.pop("text_head", True))
   llm = T5Config.preset(preset, **llm_cfg)
   bridge_cfg = config.bridge.to_dict()
   title_mode = bridge_cfg.pop("title_mode", "step")
   bridge_cfg["align_pairs"] = tuple(tuple(p) for p in bridge_cfg.get("align_pairs", ()))
   bridge = BridgeConfig(**bridge_cfg)
-  return JointTask(JointConfig(crm, llm, bridge, title_mode=title_mode),
+  return JointTask(JointConfig(crm, llm, bridge, title_mode=title_mode, text_head=text_head),
                    kl_direction=config.loss.kl_direction,
                    kl_stop_grad=config.loss.kl_stop_grad,
                    kl_temperature=config.loss.kl_temperature,

@@ -29,7 +29,9 @@ class Stage:
   name: str
   fraction: float                      # share of the total training steps
   weights: Mapping[str, float]         # {"crm", "llm", "kl", "layer"}; missing = 0
-  trainable: Mapping[str, bool]        # {"crm", "llm", "bridge"}; missing = frozen
+  # {tower or path pattern: flag}, the last matching pattern wins, unmatched = frozen
+  # (`joint_task.trainable_mask`), e.g. {"llm": True, "llm/lm_head": False}.
+  trainable: Mapping[str, bool]
   data: str = "all"                    # which data subset the loop feeds
 
 
@@ -80,6 +82,9 @@ def stage_at(stages: Sequence[Stage], step: int, num_steps: int) -> Stage:
   return stages[index]
 
 
-def controls(stage: Stage, catalogue: dict | None = None) -> dict:
-  """The step's controls for a stage (same structure and dtypes for every stage)."""
-  return stage_controls(dict(stage.weights), dict(stage.trainable), catalogue)
+def controls(stage: Stage, params, catalogue: dict | None = None) -> dict:
+  """The step's controls for a stage (same structure and dtypes for every stage).
+
+  params: the parameter tree (or its shapes): the trainable flags are per parameter.
+  """
+  return stage_controls(dict(stage.weights), dict(stage.trainable), params, catalogue)

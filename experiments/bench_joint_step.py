@@ -6,7 +6,7 @@ the last 10 positions; prompts of 64 tokens naming the last 10 items; 1,683 cata
   sasrec  the foundation's SASRec step (`recjax.train.step`, CE on the window's positions);
   t5      the same T5 alone as a recommender: encoder over the prompt (with item tokens as
           ordinary token embeddings), one decoder step, item softmax against its own item
-          embedding table, AdamW;
+          embedding table; the foundation's train step as for SASRec (AdamW, EMA, norms);
   joint   the joint step of the config (`recjax.train.joint_step`, schedule "joint": CRM +
           LLM + KL + layer alignment, bridge in both directions, title table from cache).
 Each is compiled once, warmed up, then timed over `--steps` steps in interleaved rounds
@@ -20,7 +20,6 @@ Hardware: 2-core CPU. Time: ~3 minutes (mostly compiles). Expected: see the READ
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -118,9 +117,6 @@ def main():
 
   # T5 alone.
   rec = T5Recommender(T5(task.cfg.llm), task.cfg.num_rows)
-  t5_params = rec.init(jax.random.key(0), batches[0]["llm_input_ids"],
-                       batches[0]["llm_input_mask"])["params"]
-  t5_params = nn.unbox(t5_params)
   t5_tx = optim_lib.make_optimizer(config.optim, num_steps)
 
   def t5_loss(params, batch, r):
@@ -128,19 +124,18 @@ def main():
                        rngs={"dropout": r})
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
     w = batch["target_mask"].astype(jnp.float32)
-    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), {}
 
-  @functools.partial(jax.jit, donate_argnums=0)   # donated, like the other two steps
-  def t5_step(carry, batch, r):
-    params, opt, n = carry
-    loss, grads = jax.value_and_grad(t5_loss)(params, batch, jax.random.fold_in(r, n))
-    updates, opt = t5_tx.update(grads, opt, params)
-    return (optax.apply_updates(params, updates), opt, n + 1), loss
-
-  t5_state = (t5_params, t5_tx.init(t5_params), jnp.zeros((), jnp.int32))
-  t5_batches = [jax.tree.map(jnp.asarray, {k: b[k] for k in
-                                          ("llm_input_ids", "llm_input_mask", "target",
-                                           "target_mask")}) for b in batches]
+  # The foundation's train step, as for SASRec: donated state, EMA, norms in the metrics.
+  t5_state, t5_sharding = state_lib.create_train_state(
+      lambda k: rec.init(k, batches[0]["llm_input_ids"], batches[0]["llm_input_mask"])[
+          "params"], t5_tx, mesh, "dp", jax.random.key(0),
+      ema=config.optim.ema_decay > 0)
+  t5_step = step_lib.make_train_step(t5_loss, t5_tx, t5_sharding, mesh,
+                                     ema_decay=config.optim.ema_decay, weight_key=None)
+  t5_batches = [shd.global_batch({k: b[k] for k in ("llm_input_ids", "llm_input_mask",
+                                                   "target", "target_mask")}, mesh)
+                for b in batches]
 
   runners = {
       "sasrec": [lambda s, b: sas_step(s, b, rng), sas_state, sas_batches],

@@ -12,8 +12,10 @@ state with `jnp.where(flag, new, old)`, so they are bitwise unchanged: no weight
 Adam momentum carried over from an earlier stage. A tower's step count (bias correction,
 lr schedule) advances while any of its parameters trains, so a wholly frozen tower resumes
 where it stopped. Zeroing the gradient alone would not do that (momentum and decoupled
-weight decay still move parameters), and `optax.masked` needs a static mask. Cost: a
-frozen parameter's gradient and update are still computed (the flags are dynamic).
+weight decay still move parameters), and `optax.masked` needs a static mask. Per tower a
+`lax.switch` on the flags runs the plain update (all trainable), the update plus per-leaf
+selects (some), or nothing (none: a frozen tower costs no optimizer work). Gradients are
+always computed for every tower (the flags are dynamic).
 
 Differences from `recjax.train.step.make_train_step` (which takes `loss_fn(params, batch,
 rng)` and has one optimizer state): the extra `controls` argument (replicated), per-tower
@@ -120,6 +122,42 @@ def _opt_state_mask(tx: optax.GradientTransformation, opt_state, mask):
                                transform_non_params=lambda _: anyone)
 
 
+def _tower_update(tx, grads, opt_state, params, ema, mask, ema_decay: float):
+  """One tower's optimizer update under dynamic per-parameter flags.
+
+  A `lax.switch` on the flags picks one of three programs: every parameter trains (the
+  plain optax update: no selects, so XLA updates the donated buffers in place), some do
+  (update, then per-leaf `where` back to the old values), none does (nothing computed,
+  state passed through). Returns (params, opt_state, applied updates, ema).
+  """
+  flags = jnp.stack([jnp.asarray(m, bool) for m in jax.tree.leaves(mask)] or
+                    [jnp.asarray(False)])
+
+  def ema_of(new_params):
+    if ema is None:
+      return None
+    return jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), ema, new_params)
+
+  def every(_):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    return new_params, new_opt, updates, ema_of(new_params)
+
+  def some(_):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = _select(mask, optax.apply_updates(params, updates), params)
+    new_opt = _select(_opt_state_mask(tx, new_opt, mask), new_opt, opt_state)
+    updates = jax.tree.map(lambda m, u: jnp.where(m, u, jnp.zeros_like(u)), mask, updates)
+    new_ema = None if ema is None else _select(mask, ema_of(new_params), ema)
+    return new_params, new_opt, updates, new_ema
+
+  def none(_):
+    return params, opt_state, jax.tree.map(jnp.zeros_like, params), ema
+
+  branch = jnp.where(jnp.all(flags), 0, jnp.where(jnp.any(flags), 1, 2))
+  return jax.lax.switch(branch, (every, some, none), None)
+
+
 LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
@@ -150,23 +188,21 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (loss, aux), grads = step_lib.value_and_grad(
         loss_fn, state.params, batch, rng, controls, grad_accum=grad_accum, mesh=mesh,
         params_sharding=state_sharding.params, weight_key=weight_key)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     mask = controls["trainable"]
     if jax.tree.structure(mask) != jax.tree.structure(state.params):
       raise ValueError("controls['trainable'] must be a params-shaped tree of flags "
                        "(joint_task.trainable_mask)")
-    params = _select(mask, new_params, state.params)
-    opt_state = {t: _select(_opt_state_mask(tx.txs[t], new_opt[t], mask[t]), new_opt[t],
-                            state.opt_state[t])
-                 for t in state.params}
+    params, opt_state, updates, ema = {}, {}, {}, {}
+    for t in state.params:
+      params[t], opt_state[t], updates[t], ema[t] = _tower_update(
+          tx.txs[t], grads[t], state.opt_state[t], state.params[t],
+          None if state.ema_params is None else state.ema_params[t], mask[t], ema_decay)
     # Norms per tower, each one pass over its tree; the global l2 norms follow from them.
     # A frozen parameter's update is discarded, so it counts 0 in the update norm.
-    zero = lambda m, u: jnp.where(m, u, jnp.zeros_like(u))
     norms = {}
     for t in state.params:
       norms[f"grad_norm/{t}"] = optax.tree.norm(grads[t])
-      norms[f"update_norm/{t}"] = optax.tree.norm(jax.tree.map(zero, mask[t], updates[t]))
+      norms[f"update_norm/{t}"] = optax.tree.norm(updates[t])
       norms[f"param_norm/{t}"] = optax.tree.norm(params[t])
     total = lambda kind: jnp.sqrt(sum(jnp.square(norms[f"{kind}/{t}"]) for t in state.params))
     metrics = {
@@ -177,10 +213,7 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         "l2_params": total("param_norm"),
         "l2_updates": total("update_norm"),
     }
-    ema = state.ema_params
-    if ema is not None:
-      ema = _select(mask, jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e),
-                                       ema, params), ema)
+    ema = None if state.ema_params is None else ema
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, ema_params=ema)
     return new_state, metrics

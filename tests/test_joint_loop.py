@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from recjax.data import prompts as prompts_lib
 from recjax.train import checkpoint as ckpt_lib
 from recjax.train import joint_loop
+from recjax.train import joint_step
 import loop_testing
 
 JOINT_CONFIG = os.path.join(loop_testing.ROOT, "experiments", "joint_ml100k.py")
@@ -141,3 +144,43 @@ def _flat(tree, prefix=""):
     elif v is not None:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def test_llm_checkpoint_starts_from_the_hf_weights(tmp_path):
+  """`llm.checkpoint`: a (tiny, random) Hugging Face T5 directory with a SentencePiece
+  tokenizer replaces the from-scratch T5 and vocabulary, and the joint loop trains on it."""
+  torch = pytest.importorskip("torch")
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = joint_config(tmp_path)
+  data, _, _, _ = joint_loop._setup(config)
+  # A T5 checkpoint directory: spiece.model (T5 ids) + config.json + weights.
+  _, sp_size, _ = prompts_lib.train_text_vocab(
+      prompts_lib.item_texts(data.item_titles, data.item_info), 60, str(tmp_path / "spm"))
+  ckpt_dir = tmp_path / "hf_t5"
+  ckpt_dir.mkdir()
+  spm = [p for p in (tmp_path / "spm").rglob("spiece.model")]
+  os.replace(spm[0], ckpt_dir / "spiece.model")
+  vocab = sp_size + 100                  # T5Tokenizer adds 100 <extra_id_*> sentinels
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=vocab, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=2,
+      num_decoder_layers=1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+      decoder_start_token_id=0, dropout_rate=0.0))
+  hf.save_pretrained(str(ckpt_dir))
+  config = loop_testing.apply_overrides(config, {
+      "llm.checkpoint": str(ckpt_dir), "llm.vocab_size": vocab, "train.num_epochs": 1,
+      "loss.schedule": "joint"})
+
+  data, builder, task, mesh = joint_loop._setup(config)
+  assert task.cfg.llm.vocab_size == vocab and not task.cfg.text_head
+  tx = joint_step.make_joint_optimizer(config.optim, 10)
+  state, sharding = joint_loop._create_state(config, task, tx, mesh, jax.random.key(0), True)
+  state = joint_loop._load_llm_checkpoint(config, task, state, sharding)
+  np.testing.assert_array_equal(np.asarray(state.params["llm"]["shared"]["embedding"]),
+                                hf.shared.weight.detach().numpy())
+  assert "lm_head" not in state.params["llm"]           # llm.text_head=False drops it
+  # The prompts now use the checkpoint's tokenizer: every id inside its vocabulary.
+  assert builder.catalogue()["title_ids"].max() < vocab
+
+  results = joint_loop.train_and_evaluate_joint(config, str(tmp_path / "work"))
+  assert np.isfinite(results["metrics"]["test"]["llm"]["ndcg@10"])

@@ -3,12 +3,14 @@ unchanged, stages switch without recompiling."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from recjax import sharding as shd
 from recjax.train import joint_step
+from recjax.train import optimizer as optim_lib
 from recjax.train import stages
 from recjax.train.joint_task import (JointTask, kl_divergence, stage_controls,
                                      trainable_mask)
@@ -213,3 +215,42 @@ def test_schedules_are_data():
       {"crm": 1.0}, {"crm": 1.0, "llm": 1.0, "layer": 0.1}, {"llm": 1.0}]
   with pytest.raises(ValueError, match="unknown loss weights"):
     stage_controls({"crm": 1.0, "typo": 1.0}, {}, FAKE_PARAMS)
+
+
+def _tower_update_jit(tx, mask):
+  return jax.jit(lambda g, o, p: joint_step._tower_update(tx, g, o, p, p, mask, 0.9))
+
+
+def test_partial_update_is_the_plain_update_of_the_trainable_part():
+  """Frozen gradients, however large (or NaN), do not reach the trainable parameters
+  through global-norm clipping: they move exactly as optax alone would move them."""
+  tx = optim_lib.make_optimizer(jt.OPTIM, 10)          # AdamW, decay, clip 1.0
+  params = {"a": jnp.arange(4.0), "b": jnp.ones(3)}
+  grads = {"a": jnp.array([0.3, -0.2, 0.1, 0.5]), "b": jnp.array([1e6, jnp.nan, 3.0])}
+  mask = {"a": jnp.asarray(True), "b": jnp.asarray(False)}
+  new, opt, norm, ema = _tower_update_jit(tx, mask)(grads, tx.init(params), params)
+  ref = jax.jit(lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
+      {"a": grads["a"]}, {"a": params["a"]})
+  np.testing.assert_allclose(np.asarray(new["a"]), np.asarray(ref["a"]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(new["b"]), np.asarray(params["b"]))
+  np.testing.assert_array_equal(np.asarray(ema["b"]), np.asarray(params["b"]))
+  assert np.isfinite(float(norm)) and float(norm) > 0
+
+
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, False)])
+def test_tower_update_adafactor_momentum_bfloat16(flags):
+  """Every switch branch has the same output types, also when optax's updates are float32
+  (Adafactor momentum) for bfloat16 parameters."""
+  cfg = ml_collections.ConfigDict(dict(
+      name="adafactor", lr=1.0, adafactor_momentum=0.9, schedule="constant",
+      warmup_steps=0, weight_decay=0.0, grad_clip=0.0))
+  tx = optim_lib.make_optimizer(cfg, 10)
+  params = {"w": jnp.ones((256, 128), jnp.bfloat16), "v": jnp.ones((4,), jnp.bfloat16)}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  mask = {"w": jnp.asarray(flags[0]), "v": jnp.asarray(flags[1])}
+  opt = tx.init(params)
+  new, new_opt, norm, _ = _tower_update_jit(tx, mask)(grads, opt, params)
+  for k, flag in zip(("w", "v"), flags):
+    assert new[k].dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(new[k]), np.asarray(params[k])) != flag, k
+  assert (float(norm) > 0) == any(flags)

@@ -413,8 +413,10 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
         if caching and step % refresh == 0 and step != start_step:
           catalogue, version = catalogue_of(state.params), version + 1
         if (stage.name, version) not in controls_cache:
-          controls_cache = {(stage.name, version): stages_lib.controls(
-              stage, state.params, catalogue)}
+          controls = stages_lib.controls(stage, state.params, catalogue)
+          if jax.process_count() == 1:    # once, not one transfer per flag and step
+            controls = jax.device_put(controls, shd.replicated(mesh))
+          controls_cache = {(stage.name, version): controls}
         state, metrics = train_step(state, shd.global_batch(batch, mesh), train_rng,
                                     controls_cache[(stage.name, version)])
         pending.append(metrics)

@@ -14,8 +14,12 @@ lr schedule) advances while any of its parameters trains, so a wholly frozen tow
 where it stopped. Zeroing the gradient alone would not do that (momentum and decoupled
 weight decay still move parameters), and `optax.masked` needs a static mask. Per tower a
 `lax.switch` on the flags runs the plain update (all trainable), the update plus per-leaf
-selects (some), or nothing (none: a frozen tower costs no optimizer work). Gradients are
-always computed for every tower (the flags are dynamic).
+selects (some; the frozen gradients are zeroed first, so gradient clipping sees only the
+trainable ones), or nothing (none: a frozen tower costs no optimizer work). Gradients are
+always computed for every tower (the flags are dynamic). Because a partly frozen tower's
+step count advances, a parameter unfrozen in a later stage starts with zero moments but
+little bias correction (Adam: its first updates are up to ~3x larger than a fresh start's);
+freeze whole towers across stages, or give such stages a warm-up, when that matters.
 
 Differences from `recjax.train.step.make_train_step` (which takes `loss_fn(params, batch,
 rng)` and has one optimizer state): the extra `controls` argument (replicated), per-tower
@@ -126,12 +130,15 @@ def _tower_update(tx, grads, opt_state, params, ema, mask, ema_decay: float):
   """One tower's optimizer update under dynamic per-parameter flags.
 
   A `lax.switch` on the flags picks one of three programs: every parameter trains (the
-  plain optax update: no selects, so XLA updates the donated buffers in place), some do
-  (update, then per-leaf `where` back to the old values), none does (nothing computed,
-  state passed through). Returns (params, opt_state, applied updates, ema).
+  plain optax update, no selects), some do (the frozen parameters' gradients are zeroed
+  first, so a global-norm clip or a NaN there cannot touch the trainable ones; then the
+  update, and a per-leaf `where` back to the old values for the frozen parameters, their
+  optimizer moments and EMA), none does (no optimizer work; state passed through).
+  Returns (params, opt_state, float32 norm of the applied update, ema).
   """
   flags = jnp.stack([jnp.asarray(m, bool) for m in jax.tree.leaves(mask)] or
                     [jnp.asarray(False)])
+  norm = lambda tree: optax.tree.norm(tree).astype(jnp.float32)
 
   def ema_of(new_params):
     if ema is None:
@@ -141,18 +148,18 @@ def _tower_update(tx, grads, opt_state, params, ema, mask, ema_decay: float):
   def every(_):
     updates, new_opt = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    return new_params, new_opt, updates, ema_of(new_params)
+    return new_params, new_opt, norm(updates), ema_of(new_params)
 
   def some(_):
-    updates, new_opt = tx.update(grads, opt_state, params)
+    zero = lambda m, x: jnp.where(m, x, jnp.zeros_like(x))
+    updates, new_opt = tx.update(jax.tree.map(zero, mask, grads), opt_state, params)
     new_params = _select(mask, optax.apply_updates(params, updates), params)
     new_opt = _select(_opt_state_mask(tx, new_opt, mask), new_opt, opt_state)
-    updates = jax.tree.map(lambda m, u: jnp.where(m, u, jnp.zeros_like(u)), mask, updates)
     new_ema = None if ema is None else _select(mask, ema_of(new_params), ema)
-    return new_params, new_opt, updates, new_ema
+    return new_params, new_opt, norm(jax.tree.map(zero, mask, updates)), new_ema
 
   def none(_):
-    return params, opt_state, jax.tree.map(jnp.zeros_like, params), ema
+    return params, opt_state, jnp.zeros((), jnp.float32), ema
 
   branch = jnp.where(jnp.all(flags), 0, jnp.where(jnp.any(flags), 1, 2))
   return jax.lax.switch(branch, (every, some, none), None)
@@ -192,9 +199,9 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     if jax.tree.structure(mask) != jax.tree.structure(state.params):
       raise ValueError("controls['trainable'] must be a params-shaped tree of flags "
                        "(joint_task.trainable_mask)")
-    params, opt_state, updates, ema = {}, {}, {}, {}
+    params, opt_state, update_norm, ema = {}, {}, {}, {}
     for t in state.params:
-      params[t], opt_state[t], updates[t], ema[t] = _tower_update(
+      params[t], opt_state[t], update_norm[t], ema[t] = _tower_update(
           tx.txs[t], grads[t], state.opt_state[t], state.params[t],
           None if state.ema_params is None else state.ema_params[t], mask[t], ema_decay)
     # Norms per tower, each one pass over its tree; the global l2 norms follow from them.
@@ -202,7 +209,7 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     norms = {}
     for t in state.params:
       norms[f"grad_norm/{t}"] = optax.tree.norm(grads[t])
-      norms[f"update_norm/{t}"] = optax.tree.norm(updates[t])
+      norms[f"update_norm/{t}"] = update_norm[t]
       norms[f"param_norm/{t}"] = optax.tree.norm(params[t])
     total = lambda kind: jnp.sqrt(sum(jnp.square(norms[f"{kind}/{t}"]) for t in state.params))
     metrics = {

@@ -100,9 +100,9 @@ def param_path(path) -> str:
 def trainable_mask(trainable: dict[str, bool], params) -> Any:
   """Per-parameter trainable flags from path patterns: a params-shaped tree of bool[].
 
-  trainable: {pattern: flag}. A pattern is a tower name or any prefix of a parameter path
-  ("crm", "bridge/crm_to_llm") or a regular expression matched against the whole path
-  ("llm/.*/SelfAttention/.*"). For each parameter the *last* matching pattern decides;
+  trainable: {pattern: flag}. A pattern is a tower name or a parameter-path prefix ending at
+  a "/" boundary ("crm", "bridge/crm_to_llm"; not "llm/enc") or a regular expression
+  matched against the whole path ("llm/.*/SelfAttention/.*"). For each parameter the *last* matching pattern decides;
   a parameter no pattern matches is frozen. So {"llm": True, "llm/lm_head": False} trains
   T5 except its token head. A pattern that matches no parameter is an error (a typo must
   not silently freeze or train the wrong thing).
@@ -112,9 +112,13 @@ def trainable_mask(trainable: dict[str, bool], params) -> Any:
   paths = [param_path(p) for p, _ in leaves]
   flags = [False] * len(paths)
   for pattern, flag in trainable.items():
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"trainable pattern {pattern!r} is not a valid regular expression: "
+                       f"{e}") from None
     hits = [i for i, path in enumerate(paths)
-            if path == pattern or path.startswith(pattern + "/")
-            or re.fullmatch(pattern, path)]
+            if path == pattern or path.startswith(pattern + "/") or regex.fullmatch(path)]
     if not hits:
       towers = sorted({path.split("/")[0] for path in paths})
       raise ValueError(f"trainable pattern {pattern!r} matches no parameter (towers "
@@ -228,6 +232,9 @@ class JointTask:
     from recjax import decoding  # pylint: disable=g-import-not-at-top
     if not self.cfg.text_head and not self.cfg.llm.tie_word_embeddings:
       raise ValueError("generate needs T5's token head: set llm.text_head=True")
+    if index.eos_id != self.cfg.llm.eos_token_id:
+      raise ValueError(f"TitleIndex eos_id {index.eos_id} != T5 eos_token_id "
+                       f"{self.cfg.llm.eos_token_id}")
     x, mask = self.model.apply({"params": params}, batch, catalogue,
                                method=JointModel.generation_inputs)
     tokens, scores = decoding.generate(

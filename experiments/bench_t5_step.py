@@ -8,9 +8,11 @@ runs `--warmup` steps, then times `--steps` steps one by one; the table shows th
 Run (CPU; a quiet machine, nothing else running):
   . .venv/bin/activate
   python experiments/bench_t5_step.py --shape flan-t5-small --out /tmp/bench_t5_step.json
+  python experiments/bench_t5_step.py --shape t5-small --out /tmp/bench_t5_small.json
   python experiments/bench_t5_step.py --shape tiny --out /tmp/bench_t5_tiny.json
 
 Shapes: flan-t5-small = d_model 512, d_ff 1024, 8+8 layers, 6 heads, vocab 32128;
+t5-small = the original T5 (d_model 512, d_ff 2048 ReLU, 6+6 layers, 8 heads, tied head);
 tiny = d_model 128, d_ff 256, 2+2 layers, 4 heads, vocab 4096. Batch 8, source 128,
 target 32.
 
@@ -38,6 +40,9 @@ import numpy as np
 SHAPES = {
     "flan-t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
                           num_heads=6),
+    # The original T5-small (the "t5-small-shaped"): ReLU, tied and scaled head.
+    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                     num_heads=8, feed_forward_proj="relu", tie_word_embeddings=True),
     "tiny": dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4),
 }
 

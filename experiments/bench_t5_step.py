@@ -3,12 +3,13 @@ r"""Train-step time: recjax T5 (one jitted, donated step) vs transformers' PyTor
 Both sides train the same architecture from the same random weights (the PyTorch model is
 converted with `recjax.convert`) on the same random batch: float32, AdamW, cross-entropy
 over the target tokens, dropout as configured (on by default, like training). Each side
-runs `--warmup` steps, then times `--steps` steps one by one; the table shows the median.
+runs `--warmup` steps, then `--rounds` rounds each time `--steps` steps of every backend in
+turn (interleaved, so CPU drift hits both); the table shows the median step.
 
 Run (CPU; a quiet machine, nothing else running):
   . .venv/bin/activate
   python experiments/bench_t5_step.py --shape flan-t5-small --out /tmp/bench_t5_step.json
-  python experiments/bench_t5_step.py --shape t5-small --out /tmp/bench_t5_small.json
+  python experiments/bench_t5_step.py --shape t5-small --steps 5 --rounds 3 --out /tmp/bench_t5_small.json
   python experiments/bench_t5_step.py --shape tiny --out /tmp/bench_t5_tiny.json
 
 Shapes: flan-t5-small = d_model 512, d_ff 1024, 8+8 layers, 6 heads, vocab 32128;
@@ -78,10 +79,8 @@ def build_torch(cfg: T5Config, seed: int = 0):
   return model
 
 
-def time_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-  """Wall and process-CPU seconds of each timed step."""
-  for _ in range(warmup):
-    step_fn()
+def time_steps(step_fn, steps: int) -> tuple[list[float], list[float]]:
+  """Wall and process-CPU seconds of each of `steps` calls."""
   times, cpu = [], []
   for _ in range(steps):
     t0, c0 = time.perf_counter(), time.process_time()
@@ -96,7 +95,8 @@ def _summary(times, cpu, **extra) -> dict:
               median_cpu_s=statistics.median(cpu), cpu_s=cpu, **extra)
 
 
-def bench_jax(module, params, batch, args) -> dict:
+def setup_jax(module, params, batch, args):
+  """(run one step, info dict) for recjax; compiled, not yet warmed up."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -130,11 +130,11 @@ def bench_jax(module, params, batch, args) -> dict:
     holder["state"], loss = compiled(holder["state"], batch, rng)
     holder["loss"] = float(loss)
 
-  times, cpu = time_steps(run, args.warmup, args.steps)
-  return _summary(times, cpu, compile_s=compile_s, last_loss=holder["loss"])
+  return run, lambda: dict(compile_s=compile_s, last_loss=holder["loss"])
 
 
-def bench_torch(model, batch, args) -> dict:
+def setup_torch(model, batch, args):
+  """(run one step, info dict) for transformers' PyTorch T5."""
   import torch
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
@@ -151,8 +151,7 @@ def bench_torch(model, batch, args) -> dict:
     opt.zero_grad(set_to_none=True)
     holder["loss"] = out.loss.item()
 
-  times, cpu = time_steps(run, args.warmup, args.steps)
-  return _summary(times, cpu, last_loss=holder["loss"], threads=torch.get_num_threads())
+  return run, lambda: dict(last_loss=holder["loss"], threads=torch.get_num_threads())
 
 
 def main():
@@ -161,7 +160,9 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--source_len", type=int, default=128)
   parser.add_argument("--target_len", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="rounds; each times --steps of every backend in turn")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--dropout_rate", type=float, default=0.1)
   parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -194,12 +195,23 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
     module, params = load_t5_from_hf(tmp, dropout_rate=args.dropout_rate)
-  results = {}
+  runners = {}
   backends = args.backends.split(",")
   if "jax" in backends:
-    results["recjax"] = bench_jax(module, params, batch, args)
+    runners["recjax"] = setup_jax(module, params, batch, args)
   if "torch" in backends:
-    results["pytorch"] = bench_torch(torch_model, batch, args)
+    runners["pytorch"] = setup_torch(torch_model, batch, args)
+  for run, _ in runners.values():
+    for _ in range(args.warmup):
+      run()
+  # Interleaved rounds, so that a slower minute of this (shared, virtual) CPU hits both.
+  timed = {name: ([], []) for name in runners}
+  for _ in range(args.rounds):
+    for name, (run, _) in runners.items():
+      times, cpu = time_steps(run, args.steps)
+      timed[name][0].extend(times)
+      timed[name][1].extend(cpu)
+  results = {name: _summary(*timed[name], **info()) for name, (_, info) in runners.items()}
 
   print(f"\nT5 train step, shape={args.shape} batch={args.batch} source={args.source_len} "
         f"target={args.target_len} float32 AdamW dropout={args.dropout_rate}")

@@ -5,20 +5,23 @@ vocabulary on the item titles):
   python launch/main.py --config experiments/joint_ml100k.py \
       --workdir /tmp/recjax/joint_ml100k
 
-Hardware: 2 CPU cores. Time: about 10-15 minutes (measured figures in the README, "Joint
-model on MovieLens-100K"; `experiments/bench_joint_ml100k.py` runs the seeds and ablations).
+Hardware: 2 CPU cores. Time: about 10-12 minutes (training 589-614 s for seeds 1 and 2;
+`experiments/bench_joint_ml100k.py` runs the seeds and ablations).
 Protocol: as experiments/sasrec_ml100k.py (leave-one-out, full ranking over all 1,682
 items, history not excluded). Reported: the joint model's CRM (SASRec reading the bridged
 item table), its LLM head (T5 decoder state . bridged items), and CRM-entropy routing at
 LLM fractions 0, 0.1, 0.2, 0.5, 1 (`routing_curve.json`, `routing_curve.png`).
-Expected result (seed 0, measured with the shield before it also covered the item memory):
-CRM head test NDCG@10 ~0.060 (SASRec alone 0.063), LLM head ~0.048; routing 10% of users to
-the LLM on par with the CRM. README "Joint model on MovieLens-100K" has the measured table.
+Expected result (3 seeds, measured; README "Joint model on MovieLens-100K"): CRM head test
+NDCG@10 0.0576 +- 0.0013 (SASRec alone 0.0627), LLM head 0.0545 +- 0.0037, routing 20-30% of
+users to the LLM ~0.058. About 10 minutes of training on a quiet 2-core CPU.
 
 The schedule is "joint" (every loss at once: CRM CE + LLM item CE + 0.1 KL(CRM || LLM) +
 0.1 layer alignment); `--config.loss.schedule=corella` or `=delrec` run the staged recipes
 (`recjax.train.stages`). For a pretrained FLAN-T5 set `--config.llm.checkpoint=<HF dir>`
-and `--config.llm.preset` to its size (its tokenizer then replaces the trained vocabulary).
+and make the llm.* sizes match it (`llm.preset` plus d_model, d_kv, num_heads, d_ff,
+num_layers, num_decoder_layers as in the checkpoint's config.json; a mismatch is refused with
+the shapes); its tokenizer then replaces the trained vocabulary. `llm.text_head=True` keeps
+the checkpoint's token head, for title generation (`JointTask.generate`).
 """
 
 import ml_collections

@@ -56,12 +56,8 @@ def load_config(path):
 
 
 def apply(config, overrides):
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  """Sets dotted `overrides` ({"bridge.crm_to_llm": False, ...}) on `config`."""
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 

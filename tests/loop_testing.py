@@ -59,12 +59,7 @@ OVERRIDES = {
 
 def apply_overrides(config, overrides):
   """Sets dotted `overrides` ({"train.num_epochs": 2, ...}) on `config`."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 

@@ -151,14 +151,24 @@ def main():
         t5_tx, mesh, "dp", jax.random.key(0), ema=config.optim.ema_decay > 0)
     t5_step = step_lib.make_train_step(t5_loss, t5_tx, t5_sharding, mesh,
                                        ema_decay=config.optim.ema_decay, weight_key=None)
-    return [lambda s, b: t5_step(s, b, rng), t5_state, t5_batches]
+    return [lambda s, b: t5_step(s, b, rng), t5_state, t5_batches,
+            lambda s, b: t5_step.lower(s, b, rng)]
 
   runners = {
-      "sasrec": [lambda s, b: sas_step(s, b, rng), sas_state, sas_batches],
+      "sasrec": [lambda s, b: sas_step(s, b, rng), sas_state, sas_batches,
+                 lambda s, b: sas_step.lower(s, b, rng)],
       "t5": t5_runner(0),
       **({f"t5+{soft}": t5_runner(soft)} if soft else {}),
-      "joint": [lambda s, b: jstep(s, b, rng, controls), state, joint_batches],
+      "joint": [lambda s, b: jstep(s, b, rng, controls), state, joint_batches,
+                lambda s, b: jstep.lower(s, b, rng, controls)],
   }
+  # XLA's own count of each step's work: deterministic, unlike CPU times on a shared VM.
+  cost = {}
+  for name, r in runners.items():
+    c = r[3](r[1], r[2][0]).compile().cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    cost[name] = {"gflops": c.get("flops", 0.0) / 1e9,
+                  "gbytes": c.get("bytes accessed", 0.0) / 1e9}
   compile_s = {}
   for name, r in runners.items():
     t0 = time.perf_counter()
@@ -180,14 +190,18 @@ def main():
   print(f"\nstep time (median of {args.rounds} rounds x {args.steps} steps), batch "
         f"{config.input.batch_size}, CPU {os.cpu_count()} cores")
   for name in runners:
-    print(f"  {name:<8}{med[name] * 1e3:9.1f} ms   (compile+warm-up {compile_s[name]:.1f} s)")
+    print(f"  {name:<8}{med[name] * 1e3:9.1f} ms   {cost[name]['gflops']:7.2f} GFLOP "
+          f"{cost[name]['gbytes']:6.2f} GB   (compile+warm-up {compile_s[name]:.1f} s)")
   print(f"  joint / (sasrec + t5) = {ratio:.3f}   (target <= 1.10)")
+  flop_ratio = cost["joint"]["gflops"] / (cost["sasrec"]["gflops"] + cost["t5"]["gflops"])
+  print(f"  XLA flops: joint / (sasrec + t5) = {flop_ratio:.3f}")
   if soft:
     print(f"  joint / (sasrec + t5+{soft}) = {ratio_k:.3f}   (T5 at the joint encoder length)")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"median_s": med, "times_s": times, "ratio": ratio,
                "ratio_same_encoder_length": ratio_k, "compile_s": compile_s,
+               "xla_cost": cost, "flop_ratio": flop_ratio,
                "load_average": os.getloadavg(), "args": vars(args)}, f, indent=2)
   print(f"wrote {args.out}")
 

@@ -15,7 +15,7 @@ import t5_testing
 from recjax.convert import t5_hf
 from recjax.models import t5
 from recjax.models.t5 import T5, T5Config, init_cache
-from recjax.models.t5_layers import relative_position_bucket
+from recjax.models.t5_layers import masked_bias, mask_value, relative_position_bucket
 
 # Parameter counts of the HF models (shared embedding counted once; lm_head when untied).
 EXPECTED_COUNTS = {
@@ -101,6 +101,28 @@ def test_relative_position_bucket_matches_transformers(bidirectional, num_bucket
   ours = relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
                                   max_distance=max_distance)
   np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("keep_shape", [(6, 1, 1, 9), (6, 1, 9, 9), (1, 1, 9, 9)])
+def test_masked_bias_equals_where(dtype, keep_shape):
+  """The attention bias with its matmul-reduced gradient: values and gradient as
+  `jnp.where` (padding mask over the batch, causal + padding, decoding's batch-1 mask)."""
+  pb = jax.random.normal(jax.random.key(0), (1, 3, 9, 9)).astype(dtype)
+  keep = jax.random.bernoulli(jax.random.key(1), 0.7, keep_shape)
+  out_shape = jnp.broadcast_shapes(pb.shape, keep.shape)
+  w = jax.random.normal(jax.random.key(2), out_shape)
+  ref = jnp.where(keep, pb, mask_value(dtype))
+  np.testing.assert_array_equal(np.asarray(masked_bias(pb, keep), np.float32),
+                                np.asarray(ref, np.float32))
+  loss = lambda f: lambda p: jnp.sum(jnp.maximum(f(p).astype(jnp.float32), -1e3) * w)
+  g = jax.jit(jax.grad(loss(lambda p: masked_bias(p, keep))))(pb)
+  g_ref = jax.jit(jax.grad(loss(lambda p: jnp.where(keep, p, mask_value(dtype)))))(pb)
+  assert g.dtype == dtype and g.shape == pb.shape
+  tol = 1e-5 if dtype == jnp.float32 else 0.1   # bf16: ours sums in float32
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
+                             rtol=tol, atol=tol)
+  assert float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0
 
 
 def test_shift_right_matches_transformers():

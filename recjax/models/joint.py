@@ -67,9 +67,14 @@ class JointConfig:
 
 
 def masked_mean(x: Array, mask: Array) -> Array:
-  """float[B, T, D], bool[B, T] -> float[B, D] mean over valid positions (0 if none)."""
-  m = mask.astype(x.dtype)[..., None]
-  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  """float[B, T, D], bool[B, T] -> float[B, D] mean over valid positions (0 if none).
+
+  The sum is an einsum (a batched matmul): its gradient is 3-4x cheaper on XLA:CPU than
+  that of `sum(x * mask, axis=1)`.
+  """
+  m = mask.astype(x.dtype)
+  return (jnp.einsum("btd,bt->bd", x, m)
+          / jnp.maximum(jnp.sum(m, axis=1), 1.0)[:, None])
 
 
 class JointModel(nn.Module):

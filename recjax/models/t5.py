@@ -198,7 +198,7 @@ class T5Stack(nn.Module):
       if mask is not None:
         mask = mask[:, None, None, :]
         keep = mask if keep is None else keep & mask
-    bias = position_bias if keep is None else jnp.where(keep, position_bias, neg)
+    bias = position_bias if keep is None else layers.masked_bias(position_bias, keep)
 
     cross_bias = None
     if self.is_decoder:

@@ -60,6 +60,39 @@ def mask_value(dtype) -> Array:
   return jnp.asarray(jnp.finfo(dtype).min, dtype)
 
 
+@jax.custom_vjp
+def masked_bias(position_bias: Array, keep: Array) -> Array:
+  """`where(keep, position_bias, mask_value)`: the attention bias of a batch.
+
+  position_bias float[1, H, Q, K] (shared by the batch), keep bool[B, 1, Q|1, K] ->
+  float[B, H, Q, K]. Same values as the `jnp.where`; only the gradient differs in how it
+  is computed: the sum over the batch of the bias's cotangent is a `[1, B] @ [B, H*Q*K]`
+  matmul, because XLA:CPU's reduction over the leading axis of a 4-D tensor is 10-50x
+  slower (3.2 ms vs 0.14 ms at [32, 4, 68, 68], 8.4 vs 0.24 ms at [8, 6, 128, 128]).
+  """
+  return jnp.where(keep, position_bias, mask_value(position_bias.dtype))
+
+
+def _masked_bias_fwd(position_bias, keep):
+  return masked_bias(position_bias, keep), (keep, position_bias)
+
+
+def _masked_bias_bwd(res, g):
+  keep, position_bias = res
+  shape = position_bias.shape
+  g = jnp.where(keep, g, jnp.zeros((), g.dtype))                 # [B, H, Q, K]
+  if shape[0] == 1 and g.shape[0] > 1:
+    ones = jnp.ones((1, g.shape[0]), g.dtype)
+    g = jnp.matmul(ones, g.reshape(g.shape[0], -1),
+                   preferred_element_type=jnp.float32).reshape(1, *g.shape[1:])
+  axes = tuple(i for i, (n, m) in enumerate(zip(shape, g.shape)) if n == 1 and m > 1)
+  g = jnp.sum(g, axis=axes, keepdims=True) if axes else g
+  return g.astype(position_bias.dtype), None
+
+
+masked_bias.defvjp(_masked_bias_fwd, _masked_bias_bwd)
+
+
 def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bool,
                              num_buckets: int, max_distance: int) -> np.ndarray:
   """Mesh-TensorFlow / HF bucketing of `memory_position - query_position` (numpy, static).

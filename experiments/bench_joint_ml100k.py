@@ -56,7 +56,9 @@ def load_config(path):
 
 
 def apply(config, overrides):
-  """Sets dotted `overrides` ({"bridge.crm_to_llm": False, ...}) on `config`."""
+  """Sets dotted `overrides` ({"bridge.crm_to_llm": False, ...}) on `config`; an unknown
+  key is an error (the config is locked first)."""
+  config.lock()
   config.update_from_flattened_dict(dict(overrides))
   return config
 

@@ -17,6 +17,7 @@ Reported per seed and as mean +- std over seeds:
 Writes `<out>/summary.json` and `<out>/summary.md`.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -48,18 +49,15 @@ def _load_config(path, overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  parsed = {}
   for item in overrides:
     key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
     try:
-      import ast  # pylint: disable=g-import-not-at-top
-      value = ast.literal_eval(value)
+      parsed[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      pass
-    node[leaf] = value
+      parsed[key] = value                      # a plain string
+  config.lock()                                # an unknown key is an error
+  config.update_from_flattened_dict(parsed)
   return config
 
 

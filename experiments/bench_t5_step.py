@@ -34,8 +34,12 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:   # recjax is imported after the XLA flags are set
+  from recjax.models.t5 import T5Config
 
 # T5Config fields of the benchmarked shapes (flan-t5-small = the preset).
 SHAPES = {

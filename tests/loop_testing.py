@@ -58,7 +58,9 @@ OVERRIDES = {
 
 
 def apply_overrides(config, overrides):
-  """Sets dotted `overrides` ({"train.num_epochs": 2, ...}) on `config`."""
+  """Sets dotted `overrides` ({"train.num_epochs": 2, ...}) on `config`; an unknown key is
+  an error (the config is locked first, as `launch/main.py` loads it)."""
+  config.lock()
   config.update_from_flattened_dict(dict(overrides))
   return config
 

@@ -330,6 +330,8 @@ def build_joint_task(config, num_items: int) -> JointTask:
   llm_cfg = check_dtypes(config.llm.to_dict(), "llm", ("dtype", "param_dtype"))
   preset = llm_cfg.pop("preset")
   llm_cfg.pop("checkpoint", None)
+  if not llm_cfg.get("vocab_size", 0):       # 0 / absent: the preset's vocabulary
+    llm_cfg.pop("vocab_size", None)
   text_head = bool(llm_cfg.pop("text_head", True))
   llm = T5Config.preset(preset, **llm_cfg)
   bridge_cfg = config.bridge.to_dict()

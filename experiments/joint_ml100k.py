@@ -19,8 +19,8 @@ The schedule is "joint" (every loss at once: CRM CE + LLM item CE + 0.1 KL(CRM |
 0.1 layer alignment); `--config.loss.schedule=corella` or `=delrec` run the staged recipes
 (`recjax.train.stages`). For a pretrained FLAN-T5 set `--config.llm.checkpoint=<HF dir>`
 and make the llm.* sizes match it (`llm.preset` plus d_model, d_kv, num_heads, d_ff,
-num_layers, num_decoder_layers, vocab_size as in the checkpoint's config.json; a mismatch is refused with
-the shapes); its tokenizer then replaces the trained vocabulary. `llm.text_head=True` keeps
+num_layers, num_decoder_layers, vocab_size as in the checkpoint's config.json; a mismatch is
+refused with the shapes); its tokenizer then replaces the trained vocabulary. `llm.text_head=True` keeps
 the checkpoint's token head, for title generation (`JointTask.generate`).
 """
 
@@ -82,8 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.llm.d_ff = 256
   c.llm.num_layers = 2
   c.llm.num_decoder_layers = 1
-  c.llm.vocab_size = 0                    # from scratch: the trained vocabulary (rounded up
-                                          # to 128); with a checkpoint: set it, 0 = preset's
+  c.llm.vocab_size = 0                    # checkpoint only (0 = the preset's); from scratch
+                                          # the trained vocabulary, rounded up to 128
   c.llm.dropout_rate = 0.1
   c.llm.checkpoint = ""                   # HF directory to convert; "" = from scratch
   c.llm.text_head = False                 # no T5 token head: item losses never train it

@@ -184,3 +184,14 @@ def test_llm_checkpoint_starts_from_the_hf_weights(tmp_path):
 
   results = joint_loop.train_and_evaluate_joint(config, str(tmp_path / "work"))
   assert np.isfinite(results["metrics"]["test"]["llm"]["ndcg@10"])
+
+
+def test_llm_vocab_size_without_checkpoint_is_refused():
+  """A T5 from scratch takes the trained vocabulary; a set llm.vocab_size would be
+  silently overwritten, so it is an error (0, the default, is fine)."""
+  config = loop_testing.apply_overrides(loop_testing.load_config_file(JOINT_CONFIG),
+                                        {"llm.vocab_size": 512})
+  with pytest.raises(ValueError, match="llm.vocab_size=512: only for a checkpoint"):
+    joint_loop.build_task(config, num_items=20, vocab_size=100)
+  config.llm.vocab_size = 0
+  assert joint_loop.build_task(config, num_items=20, vocab_size=100).cfg.llm.vocab_size == 128

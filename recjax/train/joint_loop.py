@@ -95,6 +95,10 @@ def build_task(config, num_items: int, vocab_size: int) -> JointTask:
   """The JointTask; a T5 from scratch gets the trained vocabulary (rounded up to 128)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   if not cfg.llm.get("checkpoint", ""):
+    if cfg.llm.get("vocab_size", 0):
+      raise ValueError(f"llm.vocab_size={cfg.llm.vocab_size}: only for a checkpoint "
+                       "(llm.checkpoint); a T5 from scratch takes the trained vocabulary "
+                       "(text.vocab_size)")
     cfg.llm.vocab_size = int(math.ceil(vocab_size / 128) * 128)
   return build_joint_task(cfg, num_items)
 

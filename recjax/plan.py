@@ -167,8 +167,13 @@ def _sasrec_setup(config, num_items: int, batch_size: int):
                                     compiler_options=compiler_options)
 
   def analytic(params):
+    # The last block runs its queries, output projection and feed-forward at the S
+    # scored positions only (SASRec's num_outputs); its keys and values at all L.
     d = task.model_cfg.hidden
-    return 6 * (_matmul_params(params) * b * l + b * s * (num_items + 1) * d)
+    last = params[f"block_{task.model_cfg.num_blocks - 1}"]
+    at_s = _matmul_params(last) - 2 * d * d              # all but the K, V projections
+    at_l = _matmul_params(params) - at_s
+    return 6 * (at_l * b * l + at_s * b * s + b * s * (num_items + 1) * d)
 
   return task, tx, batch, (), make_step, analytic, "sasrec"
 

@@ -47,6 +47,29 @@ def test_output_shapes(model_and_params):
   assert scores.shape == (3, 31) and scores.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("num_outputs", [1, 5, 12])
+def test_num_outputs_equals_the_last_positions(model_and_params, num_outputs):
+  """Computing only the last S positions in the last block changes no value: hidden
+  states, the per-block list, scores; and the gradients of a loss on them."""
+  model, params, _ = model_and_params
+  ids = _histories(np.random.default_rng(3), 4, 12, 30)   # padded rows included
+  full, full_blocks = model.apply({"params": params}, ids, return_hidden=True)
+  part, part_blocks = model.apply({"params": params}, ids, return_hidden=True,
+                                  num_outputs=num_outputs)
+  assert part.shape == (4, num_outputs, 16)
+  np.testing.assert_allclose(part, full[:, -num_outputs:], atol=1e-6)
+  np.testing.assert_allclose(part_blocks[0], full_blocks[0], atol=1e-6)
+  np.testing.assert_allclose(part_blocks[-1], full_blocks[-1][:, -num_outputs:], atol=1e-6)
+
+  def loss(p, n):
+    h = model.apply({"params": p}, ids, num_outputs=n)[:, -num_outputs:]
+    return jnp.sum(jnp.sin(model.apply({"params": p}, h, method=SASRec.score)))
+  g_full, g_part = jax.grad(loss)(params, None), jax.grad(loss)(params, num_outputs)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_full, g_part)
+  with pytest.raises(ValueError, match="num_outputs"):
+    model.apply({"params": params}, ids, num_outputs=13)
+
+
 def test_causality(model_and_params):
   """The output at position t does not change when later items change."""
   model, params, _ = model_and_params
@@ -106,11 +129,12 @@ def test_losses_match_reference(loss_type):
   key = jax.random.key(5)
   loss, aux = task.loss(params, batch, key)
   assert aux["num_targets"] == mask.sum()
-  # Reference with the same dropout / negatives.
+  # Reference with the same dropout / negatives (the loss computes only the last 3
+  # positions' outputs, which test_num_outputs_equals_the_last_positions pins down).
   dropout_rng, negative_rng = jax.random.split(key)
   h = np.asarray(task.model.apply({"params": params}, inputs,
-                                  deterministic=False,
-                                  rngs={"dropout": dropout_rng}))[:, -3:]
+                                  deterministic=False, num_outputs=3,
+                                  rngs={"dropout": dropout_rng}))
   table = np.asarray(params["item_embedding"]["embedding"])
   logits = h @ table.T
   if loss_type == "ce":

@@ -120,11 +120,22 @@ class JointModel(nn.Module):
                               deterministic=deterministic)
 
   # ---- CRM -----------------------------------------------------------------------------
-  def crm_forward(self, inputs: Array, extra: Array, *, deterministic: bool):
-    """int32[B, L] -> (float[B, L, Dc] hidden, per-block list of float[B, L, Dc])."""
+  def crm_forward(self, inputs: Array, extra: Array, *, deterministic: bool,
+                  num_outputs: int | None = None):
+    """int32[B, L] -> (float[B, S, Dc] hidden, per-block list of float[B, L, Dc]).
+
+    num_outputs: S, the last positions needed (default L). When the layer alignment reads
+    SASRec's last block, that block's outputs are needed at every position and S is
+    ignored; otherwise the last block runs at S positions only (SASRec's `num_outputs`)
+    and its entry in the list is float[B, S, Dc].
+    """
     item_extra = jnp.take(extra, inputs, axis=0)
-    return self.crm(inputs, deterministic=deterministic, item_extra=item_extra,
-                    return_hidden=True)
+    last = self.cfg.crm.num_blocks - 1
+    if any(block == last for _, block in self.cfg.bridge.align_pairs):
+      num_outputs = None
+    x, hidden = self.crm(inputs, deterministic=deterministic, item_extra=item_extra,
+                         return_hidden=True, num_outputs=num_outputs)
+    return (x if num_outputs is None else x[:, -num_outputs:]), hidden
 
   def crm_logits(self, hidden: Array, bridged: Array) -> Array:
     """float[..., Dc] -> float32[..., N + 1], scored against the bridged table."""
@@ -154,7 +165,7 @@ class JointModel(nn.Module):
     """(float[B, K + T, Dl], bool[B, K + T]) encoder inputs for title generation
     (`recjax.decoding.generate(..., inputs_embeds=...)`), deterministic."""
     _, extra, mem_llm = self.item_tables(self.title_table(catalogue, True))
-    x, _ = self.crm_forward(batch["inputs"], extra, deterministic=True)
+    x, _ = self.crm_forward(batch["inputs"], extra, deterministic=True, num_outputs=1)
     return self.prompt_embeds(batch, x[:, -1], mem_llm)
 
   def llm_forward(self, batch: dict, user_state: Array, mem_llm: Array, *,
@@ -199,8 +210,9 @@ class JointModel(nn.Module):
     title_table = self.title_table(catalogue, deterministic)
     bridged, extra, mem_llm = self.item_tables(title_table)
     inputs = batch["inputs"]
-    x, crm_hidden = self.crm_forward(inputs, extra, deterministic=deterministic)
     s = inputs.shape[1] if num_targets is None else num_targets
+    x, crm_hidden = self.crm_forward(inputs, extra, deterministic=deterministic,
+                                     num_outputs=s)
     crm_logits = self.crm_logits(x[:, -s:], bridged)
     user_state, head_items = x[:, -1], bridged
     if not self.cfg.bridge.llm_grad_to_crm:   # the LLM losses leave SASRec alone
@@ -222,7 +234,7 @@ class JointModel(nn.Module):
   def crm_scores(self, inputs: Array, catalogue: dict) -> Array:
     """int32[B, L] -> float32[B, N + 1] CRM next-item scores (eval, deterministic)."""
     bridged, extra, _ = self.item_tables(self.title_table(catalogue, True))
-    x, _ = self.crm_forward(inputs, extra, deterministic=True)
+    x, _ = self.crm_forward(inputs, extra, deterministic=True, num_outputs=1)
     return self.crm_logits(x[:, -1], bridged)
 
   def scores(self, batch: dict, catalogue: dict) -> tuple[Array, Array]:

@@ -90,10 +90,16 @@ class CausalSelfAttention(nn.Module):
   cfg: SASRecConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
-    """x: float[B*L, D]; mask: bool[B, 1, L, L] (query, key) -> float[B*L, D]."""
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               num_queries: int | None = None) -> Array:
+    """x: float[B*L, D]; mask: bool[B, 1, L, L] (query, key) -> float[B*Q, D].
+
+    num_queries: Q, attend from the last Q positions only (keys and values still
+      cover all L); default L.
+    """
     cfg = self.cfg
     batch, length = mask.shape[0], mask.shape[-1]
+    nq = length if num_queries is None else num_queries
     head_dim = cfg.hidden // cfg.num_heads
     qkv = nn.DenseGeneral(
         (3, cfg.num_heads, head_dim), dtype=cfg.dtype, name="qkv",
@@ -103,14 +109,15 @@ class CausalSelfAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(
             nn.initializers.zeros, (None, "heads", "kv")))(x)
     qkv = qkv.reshape(batch, length, 3, cfg.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]      # [B, L, H, Dh]
+    q, k, v = qkv[:, -nq:, 0], qkv[:, :, 1], qkv[:, :, 2]   # [B, Q|L, H, Dh]
+    mask = mask[:, :, -nq:]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(
         cfg.dtype)
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
     probs = Dropout(cfg.attn_dropout, cfg.dropout_impl)(probs, deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    out = out.reshape(batch * length, cfg.num_heads, head_dim)
+    out = out.reshape(batch * nq, cfg.num_heads, head_dim)
     return nn.DenseGeneral(
         cfg.hidden, axis=(-2, -1), dtype=cfg.dtype, name="out",
         kernel_init=nn.with_logical_partitioning(
@@ -139,19 +146,24 @@ class Block(nn.Module):
   cfg: SASRecConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
-    """x: float[B*L, D] -> float[B*L, D]."""
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               num_queries: int | None = None) -> Array:
+    """x: float[B*L, D] -> float[B*Q, D], the outputs at the last Q positions
+    (num_queries; default all L): the rest of the block then runs on Q rows only."""
     cfg = self.cfg
     drop = lambda y: Dropout(cfg.dropout, cfg.dropout_impl)(y, deterministic)
     attn = CausalSelfAttention(cfg, name="attention")
     ffn = FeedForward(cfg, name="mlp")
     ln_attn = _layer_norm(cfg, "ln_attention")
     ln_mlp = _layer_norm(cfg, "ln_mlp")
+    batch, length = mask.shape[0], mask.shape[-1]
+    last = lambda y: y if num_queries is None else (
+        y.reshape(batch, length, -1)[:, -num_queries:].reshape(-1, y.shape[-1]))
     if cfg.norm_first:
-      x = x + drop(attn(ln_attn(x), mask, deterministic))
+      x = last(x) + drop(attn(ln_attn(x), mask, deterministic, num_queries))
       x = x + drop(ffn(ln_mlp(x), deterministic))
     else:
-      x = ln_attn(x + drop(attn(x, mask, deterministic)))
+      x = ln_attn(last(x) + drop(attn(x, mask, deterministic, num_queries)))
       x = ln_mlp(x + drop(ffn(x, deterministic)))
     return nn.with_logical_constraint(x, ("batch", "embed"))
 
@@ -177,12 +189,19 @@ class SASRec(nn.Module):
     self.dropout = Dropout(cfg.dropout, cfg.dropout_impl)
 
   def __call__(self, item_ids: Array, *, deterministic: bool = True,
-               item_extra: Array | None = None, return_hidden: bool = False):
-    """int32[B, L] left-padded histories -> float[B, L, D] hidden states.
+               item_extra: Array | None = None, return_hidden: bool = False,
+               num_outputs: int | None = None):
+    """int32[B, L] left-padded histories -> float[B, S, D] hidden states.
 
     item_extra: optional float[B, L, D] added to the item embeddings (the
       bridge's LLM-to-CRM knowledge plugs in here).
-    return_hidden: also return the list of every block's output, float[B, L, D].
+    return_hidden: also return the list of every block's output, float[B, L, D]
+      (the last block's float[B, S, D]).
+    num_outputs: S, return only the last S positions (default all L). The last
+      block then computes its queries, feed-forward and norms at those S
+      positions only (its keys and values still cover the window): the same
+      values as `self(...)[:, -S:]` for less work (training scores the last
+      `stride` positions; evaluation only the last one).
     """
     cfg = self.cfg
     length = item_ids.shape[1]
@@ -205,9 +224,18 @@ class SASRec(nn.Module):
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = (causal[None] & valid[:, None, :])[:, None]          # [B, 1, L, L]
     unflat = lambda y: y.reshape(batch, length, cfg.hidden)
+    out_len = length if num_outputs is None else num_outputs
+    if not 1 <= out_len <= length:
+      raise ValueError(f"num_outputs {num_outputs} not in 1..{length}")
     hidden = []
-    for block in self.blocks:
-      x = block(x, mask, deterministic) * keep
+    for i, block in enumerate(self.blocks):
+      if i == len(self.blocks) - 1 and out_len < length:
+        x = block(x, mask, deterministic, num_queries=out_len)
+        keep = valid[:, -out_len:].reshape(batch * out_len, 1)
+        unflat = lambda y: y.reshape(batch, out_len, cfg.hidden)
+      else:
+        x = block(x, mask, deterministic)
+      x = x * keep
       hidden.append(unflat(x))
     if cfg.norm_first:
       x = self.ln_embed(x) * keep
@@ -240,7 +268,7 @@ class SASRec(nn.Module):
 
   def last_hidden(self, item_ids: Array) -> Array:
     """int32[B, L] -> float[B, D]: the user state after the last item."""
-    return self(item_ids, deterministic=True)[:, -1]
+    return self(item_ids, deterministic=True, num_outputs=1)[:, -1]
 
   def scores(self, item_ids: Array) -> Array:
     """int32[B, L] histories -> float32[B, N + 1] next-item scores (eval)."""

@@ -40,10 +40,9 @@ class SequentialTask:
     """batch: inputs int32[B, L], labels int32[B, S], mask bool[B, S]."""
     dropout_rng, negative_rng = jax.random.split(rng)
     model = self.model
-    hidden = model.apply({"params": params}, batch["inputs"],
-                         deterministic=False, rngs={"dropout": dropout_rng})
     s = batch["labels"].shape[1]
-    hidden = hidden[:, -s:]                                    # [B, S, D]
+    hidden = model.apply({"params": params}, batch["inputs"], deterministic=False,
+                         num_outputs=s, rngs={"dropout": dropout_rng})   # [B, S, D]
     if self.loss_type == "ce":
       logits = model.apply({"params": params}, hidden, method=SASRec.score)
       total, count = losses.softmax_cross_entropy(logits, batch["labels"],

@@ -128,13 +128,50 @@ def setup_jax(module, params, batch, args):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   holder = {"state": state}
 
   def run():
     holder["state"], loss = compiled(holder["state"], batch, rng)
     holder["loss"] = float(loss)
 
-  return run, lambda: dict(compile_s=compile_s, last_loss=holder["loss"])
+  return run, lambda: dict(compile_s=compile_s, last_loss=holder["loss"],
+                           xla_gflops=cost.get("flops", 0.0) / 1e9)
+
+
+def gemm_rates(cfg: T5Config, args) -> dict[str, dict[str, float]]:
+  """GFLOP/s of one float32 matmul in XLA and in PyTorch at the step's main shapes.
+
+  The ceiling for the train step: it is mostly these matmuls (forward and the two backward
+  ones of each), so neither library's step can run its flops faster than its GEMMs do.
+  """
+  import jax
+  import jax.numpy as jnp
+  import torch
+  enc, dec = args.batch * args.source_len, args.batch * args.target_len
+  shapes = {"attention q/k/v/o": (enc, cfg.d_model, cfg.num_heads * cfg.d_kv),
+            "ffn in": (enc, cfg.d_model, cfg.d_ff), "ffn out": (enc, cfg.d_ff, cfg.d_model),
+            "lm head": (dec, cfg.d_model, cfg.vocab_size)}
+  matmul = jax.jit(lambda a, b: a @ b)
+  rates = {}
+  for name, (m, k, n) in shapes.items():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    runs = {"recjax": lambda: matmul(ja, jb).block_until_ready(), "pytorch": lambda: ta @ tb}
+    times = {lib: [] for lib in runs}
+    for fn in runs.values():
+      fn()
+    for _ in range(15):                     # interleaved, median
+      for lib, fn in runs.items():
+        t0 = time.perf_counter()
+        fn()
+        times[lib].append(time.perf_counter() - t0)
+    rates[f"{name} {m}x{k}x{n}"] = {lib: 2 * m * k * n / statistics.median(t) / 1e9
+                                    for lib, t in times.items()}
+  return rates
 
 
 def setup_torch(model, batch, args):
@@ -176,6 +213,9 @@ def main():
   parser.add_argument("--threads", type=int, default=0,
                       help="1: single-threaded XLA and PyTorch (with `taskset -c 0`, a "
                            "comparison that survives a shared CPU); 0: library defaults")
+  parser.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time one matmul at each of the step's main shapes in both "
+                           "libraries (the ceiling for either step)")
   parser.add_argument("--out", default="/tmp/bench_t5_step.json")
   args = parser.parse_args()
   if args.threads == 1:  # Before the first JAX computation creates the CPU client.
@@ -228,6 +268,18 @@ def main():
     speedup = results["pytorch"]["median_s"] / results["recjax"]["median_s"]
     print(f"speed-up recjax vs pytorch: {speedup:.2f}x")
     results["speedup"] = speedup
+  if "recjax" in results:
+    # The same model does the same work in both libraries: XLA's count of the compiled
+    # step's flops, divided by each median step time, is each library's achieved rate.
+    gflops = results["recjax"]["xla_gflops"]
+    print(f"model work (XLA cost analysis): {gflops:.1f} GFLOP/step; achieved: " +
+          ", ".join(f"{name} {gflops / r['median_s']:.0f} GFLOP/s"
+                    for name, r in results.items() if isinstance(r, dict)))
+  if args.gemm and {"recjax", "pytorch"} <= set(results):
+    results["gemm_gflops_per_s"] = gemm_rates(cfg, args)
+    print("float32 GEMM alone at the step's shapes (GFLOP/s, median of 15 interleaved):")
+    for name, r in results["gemm_gflops_per_s"].items():
+      print(f"  {name:<36} recjax (XLA) {r['recjax']:6.0f}   pytorch {r['pytorch']:6.0f}")
   results["meta"] = dict(vars(args), cpu_count=os.cpu_count(), machine=platform.processor() or
                          platform.machine(), jax=jax.__version__, torch=torch.__version__,
                          python=sys.version.split()[0], load_average=os.getloadavg())

@@ -74,11 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 12
   c.train.eval_every_steps = 0            # 0 = once per epoch
   c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 200
+  c.train.checkpoint_every_steps = 0       # 0 = at every evaluation only (each epoch)
   c.train.patience = 10                   # evaluations; 0 = no early stop
   c.train.monitor = "ndcg@10"             # on the first eval protocol, valid
   c.train.target_value = 0.0742           # record when validation reaches it
-  c.train.async_checkpoints = False
+  c.train.async_checkpoints = True        # saves overlap training (~0.1 vs ~0.34 s)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)

@@ -10,6 +10,8 @@ first. Also: workdirs given as gs:// URLs are not mangled.
 
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -114,3 +116,21 @@ def test_urls_are_kept_and_local_paths_made_absolute(monkeypatch, tmp_path):
     w.close()
   rows = lt.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0)]
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX would import PyTorch (seconds of start-up) to type-check values; the
+  writer hides it during the import, writes events, and torch stays importable."""
+  pytest.importorskip("torch")
+  code = (
+      "import glob, os, sys\n"
+      "from recjax.train import writers\n"
+      f"w = writers.MetricWriter({str(tmp_path)!r})\n"
+      "w.write(1, {'train/loss': 0.5}); w.close()\n"
+      "assert 'torch' not in sys.modules, 'torch was imported'\n"
+      f"assert glob.glob(os.path.join({str(tmp_path)!r}, 'tensorboard', 'events.*'))\n"
+      "import torch\n"
+      "print('ok', torch.__name__)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and "ok torch" in out.stdout, out.stderr[-2000:]

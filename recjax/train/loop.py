@@ -243,7 +243,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             say(f"early stop at step {done}: no improvement in "
                       f"{patience} evaluations")
           checkpoint(done)
-        elif done % config.train.checkpoint_every_steps == 0:
+        elif (config.train.checkpoint_every_steps
+              and done % config.train.checkpoint_every_steps == 0):
           checkpoint(done)
         t_chunk = time.perf_counter()
       if guard.should_stop(done):       # all processes agree on the step

@@ -98,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bridge.gate_bias_init = -2.0          # titles start mostly gated off
   c.bridge.align_pairs = ((1, 0), (2, 1)) # (T5 encoder hidden index, SASRec block)
   c.bridge.align_dim = 64
+  c.bridge.align_crm_pool = "last"        # SASRec side: state after the last item, or "mean"
   c.bridge.title_mode = "cache"           # refreshed every title_refresh_steps
   # False: the LLM losses do not reach SASRec (stop-gradient); True trains SASRec through
   # the soft prompts and the item head too, which cost the CRM head half its NDCG@10 here.

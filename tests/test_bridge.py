@@ -134,3 +134,36 @@ def test_experiment_configs_build_their_shapes():
     assert shapes["bridge"]["memory"]["item_memory"].shape == (1688, 64)
     assert shapes["bridge"]["crm_to_llm"]["prompt"]["kernel"].shape == (64, 4 * d_model)
     assert stages.get_schedule(config.loss.schedule)
+
+
+
+def test_align_crm_pool_last_reads_the_state_after_the_last_item(params):
+  """align_crm_pool="last": g_crm reads SASRec's block output at the last position (and the
+  last block then runs at the scored positions only); "mean" pools the window. Same params,
+  same CRM and LLM outputs; only the alignment's SASRec side differs, as specified."""
+  batch, catalogue = jt.batch(), jt.catalogue()
+
+  def run(pool):
+    model = JointModel(jt.config(align_crm_pool=pool))
+    return jt.jit(lambda b, c: model.apply({"params": params}, b, c,
+                                           num_targets=jt.TARGETS))(batch, catalogue)
+  last, mean = run("last"), run("mean")
+  np.testing.assert_allclose(last["crm_logits"], mean["crm_logits"], atol=1e-5)
+  np.testing.assert_allclose(last["llm_logits"], mean["llm_logits"], atol=1e-5)
+
+  def block_states(m, b, c):        # every block at every position ("mean" never cuts)
+    _, extra, _ = m.item_tables(m.title_table(c, True))
+    return m.crm_forward(b["inputs"], extra, deterministic=True)[1]
+  blocks = jt.jit(lambda b, c: nn.apply(block_states, JointModel(jt.CONFIG))(
+      {"params": params}, b, c))(batch, catalogue)
+  valid = batch["inputs"] != 0
+  for j, (_, block) in enumerate(jt.BRIDGE.align_pairs):
+    h = np.asarray(blocks[block])
+    g = params["bridge"][f"align_{j}"]["g_crm"]
+    project = lambda x: x @ np.asarray(g["kernel"]) + np.asarray(g["bias"])
+    pooled_mean = (h * valid[..., None]).sum(1) / np.maximum(valid.sum(1), 1)[:, None]
+    np.testing.assert_allclose(last["align"][j][1], project(h[:, -1]), atol=1e-5)
+    np.testing.assert_allclose(mean["align"][j][1], project(pooled_mean), atol=1e-5)
+    np.testing.assert_allclose(last["align"][j][0], mean["align"][j][0], atol=1e-5)
+  with pytest.raises(ValueError, match="align_crm_pool"):
+    jt.config(align_crm_pool="max")

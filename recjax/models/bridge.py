@@ -55,6 +55,10 @@ class BridgeConfig:
   # (T5 encoder hidden index in 0..L (0 = embeddings), SASRec block index) per pair.
   align_pairs: tuple[tuple[int, int], ...] = ()
   align_dim: int = 32             # A: width of the alignment space
+  # SASRec side of an alignment pair: "mean" over the window's real positions, or "last":
+  # the state after the last item (the user state that predicts the next item, what the
+  # prompt describes too). "last" lets SASRec's last block run at the scored positions only.
+  align_crm_pool: str = "last"
   init_std: float = 0.02
   # False: the LLM head, the item tokens and the soft prompts read the bridged item table,
   # the shared item memory and the SASRec user state through a stop-gradient, so the LLM
@@ -67,6 +71,8 @@ class BridgeConfig:
       raise ValueError("bridge.user_memory needs num_users > 0")
     if self.crm_to_llm and self.num_soft_prompts <= 0:
       raise ValueError("bridge.crm_to_llm needs num_soft_prompts > 0")
+    if self.align_crm_pool not in ("mean", "last"):
+      raise ValueError(f"bridge.align_crm_pool: unknown {self.align_crm_pool!r} (mean, last)")
 
 
 def _kernel(std, axes):

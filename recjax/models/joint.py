@@ -124,14 +124,15 @@ class JointModel(nn.Module):
                   num_outputs: int | None = None):
     """int32[B, L] -> (float[B, S, Dc] hidden, per-block list of float[B, L, Dc]).
 
-    num_outputs: S, the last positions needed (default L). When the layer alignment reads
-    SASRec's last block, that block's outputs are needed at every position and S is
-    ignored; otherwise the last block runs at S positions only (SASRec's `num_outputs`)
-    and its entry in the list is float[B, S, Dc].
+    num_outputs: S, the last positions needed (default L). When the layer alignment
+    mean-pools SASRec's last block (`bridge.align_crm_pool="mean"`), that block's outputs
+    are needed at every position and S is ignored; otherwise the last block runs at S
+    positions only (SASRec's `num_outputs`) and its entry in the list is float[B, S, Dc].
     """
     item_extra = jnp.take(extra, inputs, axis=0)
     last = self.cfg.crm.num_blocks - 1
-    if any(block == last for _, block in self.cfg.bridge.align_pairs):
+    if self.cfg.bridge.align_crm_pool == "mean" and any(
+        block == last for _, block in self.cfg.bridge.align_pairs):
       num_outputs = None
     x, hidden = self.crm(inputs, deterministic=deterministic, item_extra=item_extra,
                          return_hidden=True, num_outputs=num_outputs)
@@ -191,11 +192,19 @@ class JointModel(nn.Module):
 
   # ---- CoReLLa alignment -----------------------------------------------------------------
   def align(self, enc_hidden, enc_mask, crm_hidden, crm_mask):
-    """Per pair j: (g_llm(pool(h_llm[S_j])), g_crm(pool(h_crm[T_j]))), each float[B, A]."""
+    """Per pair j: (g_llm(pool(h_llm[S_j])), g_crm(pool(h_crm[T_j]))), each float[B, A].
+
+    The T5 side is mean-pooled over the encoder's valid positions; the SASRec side too, or
+    taken at the last position (`bridge.align_crm_pool="last"`; histories are left-padded,
+    so that is the state after the last item).
+    """
     out = []
     for j, (t5_layer, block) in enumerate(self.cfg.bridge.align_pairs):
       h_llm = masked_mean(enc_hidden[t5_layer], enc_mask)
-      h_crm = masked_mean(crm_hidden[block], crm_mask)
+      if self.cfg.bridge.align_crm_pool == "last":
+        h_crm = crm_hidden[block][:, -1]
+      else:
+        h_crm = masked_mean(crm_hidden[block], crm_mask)
       out.append(self.bridge.align[j](h_llm, h_crm))
     return out
 

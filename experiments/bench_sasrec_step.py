@@ -1,8 +1,8 @@
 r"""SASRec train-step time: the shipped step vs the same step computing every position.
 
 The loss of `recjax.train.sequential.SequentialTask` scores only the last `stride` positions
-of each window, so SASRec's last block runs its queries, output projection and feed-forward
-at those positions only (`SASRec(..., num_outputs=S)`). This benchmark times, on the same
+of each window, so SASRec's last block attends from those positions only and runs its output
+projection and feed-forward at them (`SASRec(..., num_outputs=S)`). This benchmark times, on the same
 MovieLens-100K batches (experiments/sasrec_ml100k.py: batch 32 windows of 50, loss on the
 last 10 positions):
   shipped      `recjax.train.step.make_train_step(task.loss, ...)`, as `launch/main.py` runs;
@@ -14,8 +14,8 @@ Both are compiled once, warmed up, then timed over `--steps` steps in interleave
 Run (CPU, quiet machine):
   python experiments/bench_sasrec_step.py --steps 10 --rounds 21
 Hardware: 2-core CPU. Time: ~1 minute.
-Expected (session 5, 2-core Sapphire Rapids VM): shipped ~26 ms, 1.01 GFLOP;
-all_outputs ~34 ms, 1.37 GFLOP.
+Expected (session 5, 2-core Sapphire Rapids VM, quiet): shipped 23.6 ms, 1.01 GFLOP;
+all_outputs 30.3 ms, 1.37 GFLOP.
 """
 
 from __future__ import annotations

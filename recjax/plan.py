@@ -90,13 +90,28 @@ def _bytes_per_device(tree) -> int:
 
 
 def _matmul_params(tree) -> int:
-  """Parameters of >= 2-D kernels that are not embedding tables (lookups are not matmuls)."""
+  """Parameters of >= 2-D kernels that are not embedding tables (lookups are not matmuls)
+  or biases (a fused projection has a 2-D or 3-D bias)."""
   total = 0
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     name = jax.tree_util.keystr(path)
-    if len(x.shape) >= 2 and "embedding" not in name and "memory" not in name:
+    if (len(x.shape) >= 2 and "embedding" not in name and "memory" not in name
+        and "bias" not in name):
       total += math.prod(x.shape)
   return total
+
+
+def _sasrec_matmul_tokens(params, cfg, b: int, l: int, s: int) -> int:
+  """Sum over SASRec's matmul kernels of parameters x rows they run on (x 6 = train flops).
+
+  The last block runs its output projection and feed-forward at the S scored positions only
+  (SASRec's `num_outputs`); its fused q/k/v projection and the earlier blocks at all L.
+  """
+  if s >= l or cfg.num_blocks == 0:
+    return _matmul_params(params) * b * l
+  last = params[f"block_{cfg.num_blocks - 1}"]
+  at_s = _matmul_params(last) - _matmul_params(last["attention"]["qkv"])
+  return (_matmul_params(params) - at_s) * b * l + at_s * b * s
 
 
 def _joint_setup(config, num_items: int, batch_size: int):
@@ -136,8 +151,12 @@ def _joint_setup(config, num_items: int, batch_size: int):
     k = cfg.bridge.num_soft_prompts if cfg.bridge.crm_to_llm else 0
     llm = params["llm"]
     enc, dec = _matmul_params(llm["encoder"]), _matmul_params(llm["decoder"])
-    crm = _matmul_params(params["crm"])
-    flops = 6 * (crm * b * l + enc * b * (t + k) + dec * b)
+    crm_s = s
+    if cfg.bridge.align_crm_pool == "mean" and any(
+        block == cfg.crm.num_blocks - 1 for _, block in cfg.bridge.align_pairs):
+      crm_s = l                        # the alignment mean-pools the whole last block
+    crm = _sasrec_matmul_tokens(params["crm"], cfg.crm, b, l, crm_s)
+    flops = 6 * (crm + enc * b * (t + k) + dec * b)
     flops += 6 * b * (s * cfg.crm.hidden + cfg.llm.d_model) * n   # item scoring
     if cfg.bridge.llm_to_crm and cfg.title_mode == "step":
       flops += 6 * enc * n * tt                                     # title encoder
@@ -167,13 +186,8 @@ def _sasrec_setup(config, num_items: int, batch_size: int):
                                     compiler_options=compiler_options)
 
   def analytic(params):
-    # The last block runs its queries, output projection and feed-forward at the S
-    # scored positions only (SASRec's num_outputs); its keys and values at all L.
-    d = task.model_cfg.hidden
-    last = params[f"block_{task.model_cfg.num_blocks - 1}"]
-    at_s = _matmul_params(last) - 2 * d * d              # all but the K, V projections
-    at_l = _matmul_params(params) - at_s
-    return 6 * (at_l * b * l + at_s * b * s + b * s * (num_items + 1) * d)
+    return 6 * (_sasrec_matmul_tokens(params, task.model_cfg, b, l, s)
+                + b * s * (num_items + 1) * task.model_cfg.hidden)
 
   return task, tx, batch, (), make_step, analytic, "sasrec"
 

@@ -53,6 +53,7 @@ OVERRIDES = {
     "input.stride": 2, "input.batch_size": 16, "optim.lr": 5e-3,
     "train.num_epochs": 12, "train.eval_every_steps": 50,
     "train.log_every_steps": 10, "train.checkpoint_every_steps": 10,
+    "train.async_checkpoints": False,   # the sync path; preemption/multi-host tests: async
     "train.patience": 0, "eval.batch_size": 16,
 }
 

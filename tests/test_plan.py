@@ -94,3 +94,21 @@ def test_plan_on_eight_simulated_devices(single_device_plan):
 def test_plan_needs_enough_devices():
   with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
     plan_lib.plan(_tiny_config(), (2, 8, 1), 16)
+
+
+def test_sasrec_analytic_flops_follow_the_truncated_last_block():
+  """Every matmul at all L rows when S == L; with S < L the last block's output projection
+  and feed-forward (not its fused q/k/v) run at S rows only."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from recjax.models.sasrec import SASRec, SASRecConfig
+  cfg = SASRecConfig(num_items=30, max_len=12, hidden=16, num_blocks=2, num_heads=2,
+                     mlp_dim=32)
+  params = jax.eval_shape(lambda r: nn.unbox(SASRec(cfg).init(
+      r, jnp.zeros((1, 12), jnp.int32)))["params"], jax.random.key(0))
+  b, l = 4, 12
+  kernels = 2 * (16 * 3 * 16 + 16 * 16 + 16 * 32 + 32 * 16)   # qkv, out, wi, wo per block
+  assert plan_lib._sasrec_matmul_tokens(params, cfg, b, l, l) == kernels * b * l
+  at_s = 16 * 16 + 16 * 32 + 32 * 16                            # last block: out, wi, wo
+  assert plan_lib._sasrec_matmul_tokens(params, cfg, b, l, 3) == (
+      kernels * b * l - at_s * b * (l - 3))

@@ -131,11 +131,10 @@ class JointModel(nn.Module):
     """
     item_extra = jnp.take(extra, inputs, axis=0)
     last = self.cfg.crm.num_blocks - 1
-    if self.cfg.bridge.align_crm_pool == "mean" and any(
-        block == last for _, block in self.cfg.bridge.align_pairs):
-      num_outputs = None
+    full_last = self.cfg.bridge.align_crm_pool == "mean" and any(
+        block == last for _, block in self.cfg.bridge.align_pairs)
     x, hidden = self.crm(inputs, deterministic=deterministic, item_extra=item_extra,
-                         return_hidden=True, num_outputs=num_outputs)
+                         return_hidden=True, num_outputs=None if full_last else num_outputs)
     return (x if num_outputs is None else x[:, -num_outputs:]), hidden
 
   def crm_logits(self, hidden: Array, bridged: Array) -> Array:

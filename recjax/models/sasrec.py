@@ -198,10 +198,11 @@ class SASRec(nn.Module):
     return_hidden: also return the list of every block's output, float[B, L, D]
       (the last block's float[B, S, D]).
     num_outputs: S, return only the last S positions (default all L). The last
-      block then computes its queries, feed-forward and norms at those S
-      positions only (its keys and values still cover the window): the same
-      values as `self(...)[:, -S:]` for less work (training scores the last
-      `stride` positions; evaluation only the last one).
+      block then attends from those S positions only (its fused q/k/v
+      projection still runs over the window) and runs its output projection,
+      feed-forward and norms at S rows: the same values as `self(...)[:, -S:]`
+      for less work (training scores the last `stride` positions; evaluation
+      only the last one).
     """
     cfg = self.cfg
     length = item_ids.shape[1]
@@ -239,7 +240,7 @@ class SASRec(nn.Module):
       hidden.append(unflat(x))
     if cfg.norm_first:
       x = self.ln_embed(x) * keep
-    x = unflat(x)
+    x = unflat(x)[:, -out_len:]                # a no-op unless there are no blocks
     return (x, hidden) if return_hidden else x
 
   def _positions(self, valid: Array) -> Array:

@@ -16,7 +16,9 @@ Terms (B rows, S CRM targets per row, N items; item 0 = padding is never a label
            (the CRM teaches), "llm_crm" = KL(p_llm || p_crm); `kl_stop_grad` names the side
            whose logits get no gradient ("crm", "llm" or "none").
   L_layer  CoReLLa: sum over `bridge.align_pairs` of ||g_llm(h_llm) - g_crm(h_crm)||_2^p,
-           each h mean-pooled over valid positions, averaged over rows.
+           h_llm mean-pooled over the encoder's valid positions, h_crm the SASRec state
+           after the last item (`bridge.align_crm_pool="last"`, default) or mean-pooled over
+           the window (`"mean"`, the behaviour before session 5), averaged over rows.
 """
 
 from __future__ import annotations

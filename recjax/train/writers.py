@@ -35,14 +35,18 @@ def _summary_writer_class():
   values (~2 s of start-up here); recjax writes floats. Unless torch is already loaded,
   the import runs with torch hidden, and torch stays importable afterwards.
   """
-  if "torch" in sys.modules:
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     return SummaryWriter
   sys.modules["torch"] = None              # makes `import torch` raise ImportError
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:                      # a tensorboardX that needs torch: let it have it
+    sys.modules.pop("torch", None)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   finally:
-    del sys.modules["torch"]
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+      del sys.modules["torch"]
   return SummaryWriter
 
 

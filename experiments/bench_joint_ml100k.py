@@ -27,7 +27,6 @@ Run (CPU; each run ~10-15 minutes on a quiet 2-core machine):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -46,21 +45,6 @@ VARIANTS = {
     "shield_crm": {"bridge.llm_grad_to_crm": False},
     "unshielded": {"bridge.llm_grad_to_crm": True},
 }
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def apply(config, overrides):
-  """Sets dotted `overrides` ({"bridge.crm_to_llm": False, ...}) on `config`; an unknown
-  key is an error (the config is locked first)."""
-  config.lock()
-  config.update_from_flattened_dict(dict(overrides))
-  return config
 
 
 def summarize(runs: dict) -> tuple[str, dict]:
@@ -97,6 +81,7 @@ def main():
   parser.add_argument("--variants", default="full")
   parser.add_argument("--out", default="/tmp/recjax/bench_joint_ml100k")
   args = parser.parse_args()
+  from recjax.configs import load_config_file  # pylint: disable=g-import-not-at-top
   from recjax.train import joint_loop  # pylint: disable=g-import-not-at-top
   runs = {}
   for variant in args.variants.split(","):
@@ -107,7 +92,7 @@ def main():
       workdir = os.path.join(args.out, f"{variant}_seed{seed}")
       path = os.path.join(workdir, "results.json")
       if not os.path.exists(path):
-        config = apply(load_config(args.config), {"seed": seed, **VARIANTS[variant]})
+        config = load_config_file(args.config, {"seed": seed, **VARIANTS[variant]})
         joint_loop.train_and_evaluate_joint(config, workdir)
       with open(path) as f:
         runs[variant].append(json.load(f))

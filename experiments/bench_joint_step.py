@@ -29,7 +29,6 @@ T5 at the joint encoder length ~1.01-1.14 (median run ~1.06); target 1.10; XLA f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -46,18 +45,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from recjax import sharding as shd  # noqa: E402
+from recjax.configs import load_config_file  # noqa: E402
 from recjax.models.t5 import T5  # noqa: E402
 from recjax.train import joint_loop, joint_step, loop, stages  # noqa: E402
 from recjax.train import optimizer as optim_lib  # noqa: E402
 from recjax.train import state as state_lib  # noqa: E402
 from recjax.train import step as step_lib  # noqa: E402
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 class T5Recommender(nn.Module):
@@ -95,7 +88,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default="/tmp/recjax/bench_joint_step.json")
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = load_config_file(args.config)
   data = loop.load_data(config.data)
   builder, vocab = joint_loop.build_prompts(config, data)
   task = joint_loop.build_task(config, data.num_items, vocab)
@@ -121,7 +114,7 @@ def main():
   joint_batches = [shd.global_batch(b, mesh) for b in batches]
 
   # SASRec alone (the CRM config of the joint model, through the foundation's task).
-  crm_config = load_config(os.path.join(ROOT, "experiments", "sasrec_ml100k.py"))
+  crm_config = load_config_file(os.path.join(ROOT, "experiments", "sasrec_ml100k.py"))
   for k, v in config.crm.to_dict().items():
     if k in crm_config.model:
       crm_config.model[k] = v

@@ -18,7 +18,6 @@ Writes `<out>/summary.json` and `<out>/summary.md`.
 """
 
 import ast
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from recjax import configs
 from recjax.train import loop
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
@@ -45,10 +45,6 @@ RECBOLE = {"test_ndcg@10": 0.0636, "test_hr@10": 0.1326,
 
 
 def _load_config(path, overrides):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
   parsed = {}
   for item in overrides:
     key, value = item.split("=", 1)
@@ -56,9 +52,7 @@ def _load_config(path, overrides):
       parsed[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       parsed[key] = value                      # a plain string
-  config.lock()                                # an unknown key is an error
-  config.update_from_flattened_dict(parsed)
-  return config
+  return configs.load_config_file(path, parsed)   # locked: an unknown key is an error
 
 
 def _row(seed, res):

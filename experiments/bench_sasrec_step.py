@@ -21,7 +21,6 @@ all_outputs 30.3 ms, 1.37 GFLOP.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -36,19 +35,13 @@ sys.path.insert(0, ROOT)
 
 from recjax import losses  # noqa: E402
 from recjax import sharding as shd  # noqa: E402
+from recjax.configs import load_config_file  # noqa: E402
 from recjax.data import pipeline  # noqa: E402
 from recjax.models.sasrec import SASRec  # noqa: E402
 from recjax.train import loop  # noqa: E402
 from recjax.train import optimizer as optim_lib  # noqa: E402
 from recjax.train import state as state_lib  # noqa: E402
 from recjax.train import step as step_lib  # noqa: E402
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def all_outputs_loss(task):
@@ -73,7 +66,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=11)
   parser.add_argument("--out", default="/tmp/recjax/bench_sasrec_step.json")
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = load_config_file(args.config)
   if config.loss.type != "ce":
     raise ValueError("bench_sasrec_step times the CE loss (config.loss.type='ce')")
   data = loop.load_data(config.data)

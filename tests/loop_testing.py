@@ -6,7 +6,6 @@ SASRec config with tiny overrides; `launch_cmd(...)` builds the command line of
 SIGTERM, multi-process) train exactly what the in-process runs train.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -17,16 +16,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from recjax.configs import load_config_file  # noqa: F401  (tests import it from here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(ROOT, "experiments", "sasrec_ml100k.py")
 LAUNCHER = os.path.join(ROOT, "launch", "main.py")
-
-
-def load_config_file(path):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def write_tiny_atomic(directory, users=40, items=120, seed=0):

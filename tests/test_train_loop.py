@@ -89,6 +89,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(trained):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_config_file_overrides_are_checked():
+  config = load_config_file(BASE_CONFIG, {"train.num_epochs": 3, "input.stride": 5})
+  assert (config.train.num_epochs, config.input.stride) == (3, 5)
+  with pytest.raises(KeyError):                 # a mistyped key is refused
+    load_config_file(BASE_CONFIG, {"train.num_epoch": 3})
+
+
 def test_every_config_file_loads():
   configs = [p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
              if "def get_config" in open(p).read()]

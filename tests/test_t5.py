@@ -292,3 +292,62 @@ def test_bfloat16_activations(tiny_params):
   ref = t5_testing.jit(T5(TINY).apply)({"params": tiny_params}, src, dec)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()))
+
+
+def test_dot_product_attention_impl_matches_einsum(tiny_params):
+  """attention_impl="xla" (jax.nn.dot_product_attention; "cudnn" is the same call on a GPU)
+  gives the einsum path's logits and gradients, padded batch and cached decoding included,
+  and refuses attention dropout in training."""
+  cfg = TINY.replace(attention_impl="xla")
+  src, dec = _tokens(3, 9, 12), _tokens(3, 6, 13)
+  src_mask = (np.arange(9)[None] < np.array([[9], [5], [2]])).astype(np.int32)
+  dec_mask = (np.arange(6)[None] < np.array([[6], [6], [3]])).astype(np.int32)
+
+  def loss(p, c):
+    logits = T5(c).apply({"params": p}, src, dec, src_mask, dec_mask)
+    return jnp.mean(jnp.tanh(logits)), logits
+
+  grad = lambda c: t5_testing.jit(jax.value_and_grad(lambda p: loss(p, c), has_aux=True))
+  (_, ref), g_ref = grad(TINY)(tiny_params)
+  (_, got), g = grad(cfg)(tiny_params)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+  module = T5(cfg)
+  encoded = module.apply({"params": tiny_params}, src, src_mask, method=T5.encode)
+  cache = init_cache(module, 3, 6, 9)
+  steps = []
+  for i in range(6):
+    logits, mutated = module.apply({"params": tiny_params, "cache": cache}, encoded, src_mask,
+                                   dec[:, i:i + 1], decode=True, method=T5.decode,
+                                   mutable=["cache"])
+    cache = mutated["cache"]
+    steps.append(logits)
+  causal_ref = T5(TINY).apply({"params": tiny_params}, src, dec, src_mask)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), causal_ref, atol=1e-5, rtol=1e-5)
+
+  with pytest.raises(ValueError, match="dropout_rate=0"):
+    module.apply({"params": tiny_params}, src, dec, deterministic=False,
+                 rngs={"dropout": jax.random.key(0)})
+  T5(cfg.replace(dropout_rate=0.0)).apply({"params": tiny_params}, src, dec,
+                                          deterministic=False)
+  with pytest.raises(ValueError, match="attention_impl"):
+    TINY.replace(attention_impl="flash")
+
+
+@pytest.mark.parametrize("ffn", ["gated-gelu", "relu"])
+def test_train_flops_equal_xla_count(ffn):
+  """The analytic step flops (used for MFU) agree with XLA's count of the compiled
+  gradient within 2% (XLA adds the elementwise work; d_kv * heads != d_model, deeper
+  decoder)."""
+  cfg = T5Config(vocab_size=1000, d_model=256, d_kv=32, d_ff=512, num_layers=2,
+                 num_decoder_layers=3, num_heads=6, dropout_rate=0.0, feed_forward_proj=ffn,
+                 tie_word_embeddings=ffn == "relu")
+  b, s, t = 4, 64, 16
+  src, dec = jnp.ones((b, s), jnp.int32), jnp.ones((b, t), jnp.int32)
+  params = jax.eval_shape(T5(cfg).init, jax.random.key(0), src, dec)["params"]
+  grad = jax.jit(jax.grad(lambda p: T5(cfg).apply({"params": p}, src, dec).sum()))
+  cost = grad.lower(params).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = t5.train_flops(cfg, b, s, t)
+  assert 0.98 < cost["flops"] / analytic < 1.02, (cost["flops"], analytic)

@@ -88,6 +88,9 @@ _REMAT_POLICIES = {
 }
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Hyper-parameters of a T5 model; field names follow HF `T5Config`. Defaults: flan-t5-small."""
@@ -123,6 +126,11 @@ class T5Config:
   scan_layers: bool = False
   # "none", or rematerialise each block: "full", "dots", "dots_no_batch".
   remat_policy: str = "none"
+  # Attention kernel: "einsum" (two einsums and a float32 softmax; any backend, attention
+  # dropout), or `jax.nn.dot_product_attention` with implementation "xla" or "cudnn"
+  # (fused flash attention on NVIDIA GPUs, bf16/fp16 activations). The fused kernels have
+  # no dropout on the attention weights: training with them needs dropout_rate=0.
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -136,6 +144,8 @@ class T5Config:
       raise ValueError(f"dropout_impl {self.dropout_impl!r} not in ('hash', 'threefry')")
     if self.remat_policy != "none" and self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {['none', *_REMAT_POLICIES]}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> T5Config:
@@ -393,6 +403,29 @@ def unscan_params(params: dict[str, Any], config: T5Config) -> dict[str, Any]:
       tree[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i - 1], stacked)
     params[stack] = tree
   return params
+
+
+def train_flops(config: T5Config, batch: int, source_len: int, target_len: int) -> int:
+  """Model flops of one training step (forward + backward = 3 x the forward's matmuls).
+
+  Counts every matmul of the forward pass at 2 flops per multiply-add: the projections,
+  feed-forwards and output head at the tokens they run on, the cross-attention keys and
+  values at the encoder tokens, and the attention logits and weighted values (full
+  `[Q, K]` squares, padding and causal masks not subtracted). Elementwise work, the
+  embedding lookup and the optimizer are not counted: the usual definition for MFU.
+  """
+  cfg = config
+  d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+  ff = (3 if layers.activation_name(cfg.feed_forward_proj)[1] else 2) * d * cfg.d_ff
+  enc_tokens, dec_tokens = batch * source_len, batch * target_len
+  attn = lambda q, k: 2 * 2 * batch * q * k * inner          # logits + weighted values
+  enc = cfg.num_layers * (enc_tokens * 2 * (4 * d * inner + ff) + attn(source_len, source_len))
+  dec = cfg.num_decoder_layers * (
+      dec_tokens * 2 * (6 * d * inner + ff)                     # self q,k,v,o; cross q,o
+      + enc_tokens * 2 * (2 * d * inner)                        # cross k, v
+      + attn(target_len, target_len) + attn(target_len, source_len))
+  head = dec_tokens * 2 * d * cfg.vocab_size
+  return 3 * (enc + dec + head)
 
 
 def count_params(params: Any) -> int:

@@ -296,10 +296,20 @@ class Attention(nn.Module):
         k, v = self._self_cache(k, v)
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias.astype(q.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-    weights = self.dropout(weights, deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    impl = self.config.attention_impl
+    if impl == "einsum":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias.astype(q.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+      weights = self.dropout(weights, deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      if not deterministic and self.config.dropout_rate > 0:
+        raise ValueError(f"attention_impl={impl!r} has no attention-weight dropout: train "
+                         "with dropout_rate=0 or use attention_impl='einsum'")
+      # cuDNN wants the bias's query and key axes at full length (batch, heads broadcast).
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0,
+                                         implementation=impl)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return self.o(out)
 

@@ -42,7 +42,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch share
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_t5_step import build_torch, make_batch  # noqa: E402
+from bench_t5_step import build_torch, make_batch, make_train_step  # noqa: E402
 
 CASES = {
     "base": dict(batch=64, source_len=512, target_len=128),
@@ -94,19 +94,7 @@ def run_jax(params, cfg, batch, args) -> dict:
   state = (params, tx.init(params), jnp.zeros((), jnp.int32))
   batch = jax.tree.map(jnp.asarray, batch)
 
-  def loss_fn(params, batch, rng):
-    logits = module.apply({"params": params}, batch["inputs"], batch["decoder_inputs"],
-                          batch["input_mask"], batch["target_mask"], deterministic=False,
-                          rngs={"dropout": rng})
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["target_mask"].astype(jnp.float32)
-    return jnp.sum(losses * weights) / jnp.sum(weights)
-
-  def step(state, batch, rng):
-    params, opt_state, n = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(rng, n))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, n + 1), loss
+  step = make_train_step(module, tx)
 
   rng = jax.random.key(0)
   t0 = time.perf_counter()

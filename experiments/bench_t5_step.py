@@ -99,15 +99,12 @@ def _summary(times, cpu, **extra) -> dict:
               median_cpu_s=statistics.median(cpu), cpu_s=cpu, **extra)
 
 
-def setup_jax(module, params, batch, args):
-  """(run one step, info dict) for recjax; compiled, not yet warmed up."""
+def make_train_step(module, tx):
+  """`step((params, opt_state, n), batch, rng) -> (state, loss)`: cross-entropy over the
+  target tokens with dropout on, and one optimizer update (jit it with the state donated)."""
   import jax
   import jax.numpy as jnp
   import optax
-  tx = optax.adamw(args.learning_rate, weight_decay=0.01)
-  params = jax.tree.map(jnp.asarray, params)
-  state = (params, tx.init(params), jnp.zeros((), jnp.int32))
-  batch = jax.tree.map(jnp.asarray, batch)
 
   def loss_fn(params, batch, rng):
     logits = module.apply({"params": params}, batch["inputs"], batch["decoder_inputs"],
@@ -117,12 +114,25 @@ def setup_jax(module, params, batch, args):
     weights = batch["target_mask"].astype(jnp.float32)
     return jnp.sum(losses * weights) / jnp.sum(weights)
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, batch, rng):
     params, opt_state, n = state
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(rng, n))
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, n + 1), loss
+
+  return step
+
+
+def setup_jax(module, params, batch, args):
+  """(run one step, info dict) for recjax; compiled, not yet warmed up."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  tx = optax.adamw(args.learning_rate, weight_decay=0.01)
+  params = jax.tree.map(jnp.asarray, params)
+  state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+  batch = jax.tree.map(jnp.asarray, batch)
+  step = jax.jit(make_train_step(module, tx), donate_argnums=0)
 
   rng = jax.random.key(0, impl=args.prng_impl)
   t0 = time.perf_counter()

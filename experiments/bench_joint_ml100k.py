@@ -35,6 +35,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from recjax import allocator  # noqa: E402
+
+if __name__ == "__main__":  # before any work: may re-run this command under tcmalloc
+  allocator.reexec_from_argv()
+
 VARIANTS = {
     "full": {},
     "no_crm_to_llm": {"bridge.crm_to_llm": False},
@@ -76,6 +81,7 @@ def summarize(runs: dict) -> tuple[str, dict]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "joint_ml100k.py"))
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--variants", default="full")

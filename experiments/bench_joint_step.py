@@ -35,14 +35,19 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from recjax import allocator  # noqa: E402
+
+if __name__ == "__main__":  # before any work: may re-run this command under tcmalloc
+  allocator.reexec_from_argv()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from recjax import sharding as shd  # noqa: E402
 from recjax.configs import load_config_file  # noqa: E402
@@ -83,11 +88,13 @@ class T5Recommender(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "joint_ml100k.py"))
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default="/tmp/recjax/bench_joint_step.json")
   args = parser.parse_args()
+  print(f"allocator: {allocator.loaded()}", flush=True)
   config = load_config_file(args.config)
   data = loop.load_data(config.data)
   builder, vocab = joint_loop.build_prompts(config, data)

@@ -23,13 +23,20 @@ import os
 import shutil
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
-import numpy as np
+from recjax import allocator  # noqa: E402
 
-from recjax import configs
-from recjax.train import loop
+if __name__ == "__main__":  # before any work: may re-run this command under tcmalloc
+  allocator.reexec_from_argv()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+from recjax import configs  # noqa: E402
+from recjax.train import loop  # noqa: E402
+
+allocator.define_absl_flag()
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _OUT = flags.DEFINE_string("out", "/tmp/recjax/bench_sasrec_ml100k", "")
@@ -68,13 +75,14 @@ def _row(seed, res):
       "wall_s_to_target": target.get("wall_seconds"),
       "epoch_at_target": target.get("epoch"),
       "train_s": res["train_seconds"], "wall_s": res["wall_seconds"],
+      "allocator": res.get("allocator"),
   }
 
 
 def _summary(rows):
   out = {}
   for key in rows[0]:
-    if key == "seed":
+    if key in ("seed", "allocator"):
       continue
     vals = [r[key] for r in rows if r[key] is not None]
     if vals:

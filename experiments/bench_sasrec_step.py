@@ -27,11 +27,16 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from recjax import allocator  # noqa: E402
+
+if __name__ == "__main__":  # before any work: may re-run this command under tcmalloc
+  allocator.reexec_from_argv()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from recjax import losses  # noqa: E402
 from recjax import sharding as shd  # noqa: E402
@@ -60,12 +65,14 @@ def all_outputs_loss(task):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments",
                                                        "sasrec_ml100k.py"))
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=11)
   parser.add_argument("--out", default="/tmp/recjax/bench_sasrec_step.json")
   args = parser.parse_args()
+  print(f"allocator: {allocator.loaded()}", flush=True)
   config = load_config_file(args.config)
   if config.loss.type != "ce":
     raise ValueError("bench_sasrec_step times the CE loss (config.loss.type='ce')")

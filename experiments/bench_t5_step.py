@@ -26,7 +26,6 @@ with --out and in the final report of the issue; the CPU was shared when they we
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -37,6 +36,11 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from recjax import allocator  # noqa: E402
+
+if __name__ == "__main__":  # before any work: may re-run this command under tcmalloc
+  allocator.reexec_from_argv()
 
 if TYPE_CHECKING:   # recjax is imported after the XLA flags are set
   from recjax.models.t5 import T5Config
@@ -81,6 +85,18 @@ def build_torch(cfg: T5Config, seed: int = 0):
     model.lm_head.weight = torch.nn.Parameter(
         torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
   return model
+
+
+def cpu_model() -> str:
+  """The processor's model name (/proc/cpuinfo), which these timings depend on."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def time_steps(step_fn, steps: int) -> tuple[list[float], list[float]]:
@@ -207,6 +223,7 @@ def setup_torch(model, batch, args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--shape", choices=sorted(SHAPES), default="flan-t5-small")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--source_len", type=int, default=128)
@@ -268,7 +285,8 @@ def main():
   results = {name: _summary(*timed[name], **info()) for name, (_, info) in runners.items()}
 
   print(f"\nT5 train step, shape={args.shape} batch={args.batch} source={args.source_len} "
-        f"target={args.target_len} float32 AdamW dropout={args.dropout_rate}")
+        f"target={args.target_len} float32 AdamW dropout={args.dropout_rate}; "
+        f"{cpu_model()}, {os.cpu_count()} cores, allocator {allocator.loaded()}")
   print(f"{'backend':<10}{'median s/step':>15}{'min':>10}{'max':>10}{'cpu s/step':>12}"
         f"{'loss':>10}")
   for name, r in results.items():
@@ -290,7 +308,8 @@ def main():
     print("float32 GEMM alone at the step's shapes (GFLOP/s, median of 15 interleaved):")
     for name, r in results["gemm_gflops_per_s"].items():
       print(f"  {name:<36} recjax (XLA) {r['recjax']:6.0f}   pytorch {r['pytorch']:6.0f}")
-  results["meta"] = dict(vars(args), cpu_count=os.cpu_count(), machine=platform.processor() or
+  results["meta"] = dict(vars(args), cpu_count=os.cpu_count(), cpu_model=cpu_model(),
+                         allocator=allocator.loaded(), machine=platform.processor() or
                          platform.machine(), jax=jax.__version__, torch=torch.__version__,
                          python=sys.version.split()[0], load_average=os.getloadavg())
   with open(args.out, "w") as f:

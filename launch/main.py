@@ -13,16 +13,24 @@ Memory plan of one train step, from shapes only (nothing allocated; see recjax/p
       --config experiments/joint_flan_t5_plan.py:flan-t5-xl --workdir /tmp/recjax/plan \
       --mode=plan --plan_mesh=1,8,1 --plan_batch=256 [--plan_out=plan.json]
 
+CPU runs re-execute themselves once with tcmalloc preloaded when it is installed
+(`--allocator`, recjax/allocator.py).
+
 Multi-host (Cloud TPU VM, multi-GPU hosts): add --jax_distributed; on TPU VMs
 `jax.distributed.initialize()` finds its peers itself, elsewhere pass
 --coordinator_address, --num_processes and --process_id.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+from recjax import allocator
+
+if __name__ == "__main__":  # Before any work: may re-run this command under tcmalloc.
+  allocator.reexec_from_argv()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from recjax.train import joint_loop
 from recjax.train import loop
@@ -48,6 +56,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (not on TPU VMs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
+allocator.define_absl_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,9 +69,9 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  logging.info("process %d of %d, %d local / %d global devices",
+  logging.info("process %d of %d, %d local / %d global devices, allocator %s",
                jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+               jax.local_device_count(), jax.device_count(), allocator.loaded())
   config = _CONFIG.value
   joint = "llm" in config        # SASRec + T5 + bridge (recjax.train.joint_loop)
   if _MODE.value == "plan":

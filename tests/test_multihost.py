@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import loop_testing as lt
+from recjax import allocator
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def test_results_and_metrics_are_written_once_and_match(runs):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["devices"] == 8 and results["mesh"]["fsdp"] == 2
+  # The launcher re-ran itself under tcmalloc where it is installed (--allocator=auto).
+  assert results["allocator"] == (allocator.find_library("tcmalloc") or "system")
   assert results["steps"] == ref_results["steps"]
   assert results["best_step"] == ref_results["best_step"]
   for name, metrics in ref_results["metrics"].items():

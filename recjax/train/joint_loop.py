@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from recjax import allocator
 from recjax import evaluation
 from recjax import routing
 from recjax import sharding as shd
@@ -503,6 +504,7 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
       "wall_seconds": meta.wall_seconds,
       "devices": jax.device_count(),
       "mesh": dict(mesh.shape),
+      "allocator": allocator.loaded(),   # timings depend on it (recjax/allocator.py)
   }
   if is_main:
     _write_results(workdir, results, evaluator, tuple(config.eval.ks))

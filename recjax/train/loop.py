@@ -34,6 +34,7 @@ import jax
 import numpy as np
 import tqdm
 
+from recjax import allocator
 from recjax import evaluation
 from recjax import sharding as shd
 from recjax import data as data_lib
@@ -287,6 +288,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       "target_reached": meta.target_reached,
       "devices": jax.device_count(),
       "mesh": dict(mesh.shape),
+      "allocator": allocator.loaded(),   # timings depend on it (recjax/allocator.py)
   }
   if is_main:
     _write_results(workdir, "results.json", results, evaluators, final)

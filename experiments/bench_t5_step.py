@@ -17,10 +17,11 @@ t5-small = the original T5 (d_model 512, d_ff 2048 ReLU, 6+6 layers, 8 heads, ti
 tiny = d_model 128, d_ff 256, 2+2 layers, 4 heads, vocab 4096. Batch 8, source 128,
 target 32.
 
-Hardware and expected result: 2-core Intel Xeon (Sapphire Rapids, AVX-512) VM, 23 GB.
-PyTorch 2.13 reference: about 1.5 s/step (flan-t5-small) and 0.08 s/step (tiny). Goal:
-recjax at least 1.5x faster. Measured numbers are in the docstring's sibling JSON written
-with --out and in the final report of the issue; the CPU was shared when they were taken.
+Hardware and expected result (the script prints the CPU model and the allocator): 2-core VMs.
+Intel Xeon (Sapphire Rapids, AVX-512), sessions 3-5: flan-t5-small recjax 1.9-2.05 s vs PyTorch
+2.6-2.8 s (1.31-1.49x), t5-small 1.20-1.24x. AMD EPYC (Zen 3, AVX2), session 6, tcmalloc for
+both (`--allocator`, default auto): flan-t5-small 1.62 vs 2.13 s (1.31x) and 1.84 vs 2.54 s
+(1.38x). Goal: recjax at least 1.5x faster (not met). README "FLAN-T5 tower" has every run.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def summarize(runs: dict) -> tuple[str, dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "joint_ml100k.py"))
   parser.add_argument("--seeds", default="0,1,2")

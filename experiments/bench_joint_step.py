@@ -87,7 +87,7 @@ class T5Recommender(nn.Module):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "joint_ml100k.py"))
   parser.add_argument("--steps", type=int, default=20)

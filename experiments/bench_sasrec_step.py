@@ -64,7 +64,7 @@ def all_outputs_loss(task):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments",
                                                        "sasrec_ml100k.py"))

@@ -124,10 +124,13 @@ def run_torch(torch_model, cfg, batch, args) -> dict:
   dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: --smoke only
   sync = torch.cuda.synchronize if dev == "cuda" else lambda: None
   model = torch_model.to(dev).train()
+  model.load_state_dict(torch_model.initial_state)    # every case from the same weights
   model.config.dropout_rate = cfg.dropout_rate
   for m in model.modules():
     if isinstance(m, torch.nn.Dropout):
       m.p = cfg.dropout_rate
+    elif isinstance(getattr(m, "dropout", None), float):   # T5Attention's weight dropout
+      m.dropout = cfg.dropout_rate
   opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01,
                           fused=dev == "cuda")
   b = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in batch.items()}
@@ -157,7 +160,7 @@ def run_torch(torch_model, cfg, batch, args) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--model", default="flan-t5-base")
   parser.add_argument("--cases", default="base,issue,cudnn,nodrop,large_batch,remat")
   parser.add_argument("--torch_cases", default="base,issue",
@@ -207,7 +210,9 @@ def main():
 
   base_cfg = T5Config.preset(args.model)
   torch_model = build_torch(base_cfg)
+  import copy
   import torch
+  torch_model.initial_state = copy.deepcopy(torch_model.state_dict())
   results["meta"]["torch"] = torch.__version__
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
@@ -236,13 +241,13 @@ def main():
         continue
       r["tflops"] = flops / r["step_s"] / 1e12
       r["mfu"] = r["tflops"] / args.peak_tflops
-      r["of_ceiling"] = r["tflops"] / ceiling
+      r["of_ceiling"] = r["tflops"] / ceiling if ceiling == ceiling else None
       entry[backend] = r
       save()
       print(f"{name:<12}{backend:<8} {shape['batch']}x{shape['source_len']}x"
             f"{shape['target_len']} {spec} step {1e3 * r['step_s']:8.2f} ms  "
             f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  "
-            f"({100 * r['of_ceiling']:5.1f}% of the matmul ceiling)  loss {r['loss']:.3f}  "
+            f"({100 * (r['of_ceiling'] or 0):5.1f}% of the matmul ceiling)  loss {r['loss']:.3f}  "
             f"mem {r['mem_gib']:.1f} GiB" +
             (f"  compile {r['compile_s']:.0f} s  cudnn {r['cudnn_attention']}"
              if backend == "recjax" else ""), flush=True)

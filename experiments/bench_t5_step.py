@@ -223,7 +223,7 @@ def setup_torch(model, batch, args):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--allocator", default="auto", help=allocator.HELP)
   parser.add_argument("--shape", choices=sorted(SHAPES), default="flan-t5-small")
   parser.add_argument("--batch", type=int, default=8)

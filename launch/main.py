@@ -13,8 +13,8 @@ Memory plan of one train step, from shapes only (nothing allocated; see recjax/p
       --config experiments/joint_flan_t5_plan.py:flan-t5-xl --workdir /tmp/recjax/plan \
       --mode=plan --plan_mesh=1,8,1 --plan_batch=256 [--plan_out=plan.json]
 
-CPU runs re-execute themselves once with tcmalloc preloaded when it is installed
-(`--allocator`, recjax/allocator.py).
+Runs re-execute themselves once with tcmalloc preloaded when it is installed, on every
+platform (`--allocator`, recjax/allocator.py; `--allocator=system` opts out).
 
 Multi-host (Cloud TPU VM, multi-GPU hosts): add --jax_distributed; on TPU VMs
 `jax.distributed.initialize()` finds its peers itself, elsewhere pass

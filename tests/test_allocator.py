@@ -37,14 +37,18 @@ def test_flag_value():
   assert allocator.flag_value(["--allocator_x=1"], default="system") == "system"
 
 
-def _shared_library(name: str) -> str | None:
-  """Path of a shared library this process has mapped (a harmless one to preload)."""
-  with open("/proc/self/maps") as f:
-    for line in f:
-      path = line.split()[-1]
-      if os.path.basename(path).startswith(name) and ".so" in path:
-        return path
-  return None
+@pytest.fixture(scope="module")
+def nop_library(tmp_path_factory) -> str:
+  """A shared library of our own (one no-op function): nothing maps it unless preloaded."""
+  import shutil
+  cc = shutil.which("cc") or shutil.which("gcc")
+  if cc is None:
+    pytest.skip("no C compiler to build a library to preload")
+  d = tmp_path_factory.mktemp("nop")
+  (d / "nop.c").write_text("int recjax_nop(void) { return 0; }\n")
+  subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "libnop.so"), str(d / "nop.c")],
+                 check=True)
+  return str(d / "libnop.so")
 
 
 _CHILD = textwrap.dedent("""
@@ -52,35 +56,46 @@ _CHILD = textwrap.dedent("""
     from recjax import allocator
     print("start", os.getpid(), flush=True)
     allocator.reexec_with(sys.argv[1])
-    print("loaded", allocator.loaded(), os.environ.get("LD_PRELOAD", ""), flush=True)
+    print("loaded", allocator.loaded(), os.environ.get("LD_PRELOAD", "-"), flush=True)
 """)
 
 
-def _run_child(tmp_path, choice: str) -> list[str]:
+def _run_child(tmp_path, choice: str, **env_vars) -> list[str]:
   script = tmp_path / "child.py"
   script.write_text(_CHILD)
   env = {k: v for k, v in os.environ.items() if k not in (allocator.MARKER, "LD_PRELOAD")}
+  env.update(env_vars)
   out = subprocess.run([sys.executable, str(script), choice], env=env, check=True,
                        capture_output=True, text=True, timeout=60).stdout
   return out.splitlines()
 
 
+def _starts(lines):
+  return [l for l in lines if l.startswith("start")]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
-def test_reexec_preloads_once_and_reports_it(tmp_path):
-  lib = _shared_library("libm.so") or _shared_library("libz.so")
-  if lib is None:
-    pytest.skip("no shared library to preload")
+def test_reexec_preloads_once_and_reports_it(tmp_path, nop_library):
+  lib = nop_library
   lines = _run_child(tmp_path, lib)
-  starts = [l for l in lines if l.startswith("start")]
+  starts = _starts(lines)
   # Ran twice in the same process (execve keeps the pid), the second time preloaded.
   assert len(starts) == 2 and starts[0] == starts[1], lines
-  assert lines[-1].split()[:3] == ["loaded", lib, lib], lines
+  assert lines[-1].split() == ["loaded", lib, lib], lines
   # The system malloc: no re-execution.
   lines = _run_child(tmp_path, "system")
-  assert len([l for l in lines if l.startswith("start")]) == 1
-  assert lines[-1].split()[1] == "system"
+  assert len(_starts(lines)) == 1 and lines[-1].split()[1:] == ["system", "-"], lines
+  # A child of a preloaded process asking for the system malloc drops the inherited library.
+  lines = _run_child(tmp_path, "system", **{allocator.MARKER: lib, "LD_PRELOAD": lib})
+  assert len(_starts(lines)) == 2 and lines[-1].split()[1:] == ["system", "-"], lines
+  # A user's own LD_PRELOAD of the chosen library: recorded, no restart.
+  lines = _run_child(tmp_path, lib, LD_PRELOAD=lib)
+  assert len(_starts(lines)) == 1 and lines[-1].split() == ["loaded", lib, lib], lines
 
 
+def test_loaded_needs_the_library_mapped(monkeypatch, nop_library):
+  monkeypatch.setenv(allocator.MARKER, nop_library)       # claimed, never loaded here
+  assert allocator.loaded() != nop_library
 def test_auto_uses_tcmalloc_when_installed(tmp_path):
   path = allocator.find_library("tcmalloc")
   lines = _run_child(tmp_path, "auto")

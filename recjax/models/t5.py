@@ -146,6 +146,9 @@ class T5Config:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {['none', *_REMAT_POLICIES]}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 activations, "
+                       f"got dtype {self.dtype}")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> T5Config:

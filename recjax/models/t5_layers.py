@@ -306,8 +306,12 @@ class Attention(nn.Module):
       if not deterministic and self.config.dropout_rate > 0:
         raise ValueError(f"attention_impl={impl!r} has no attention-weight dropout: train "
                          "with dropout_rate=0 or use attention_impl='einsum'")
-      # cuDNN wants the bias's query and key axes at full length (batch, heads broadcast).
+      # cuDNN wants the bias's query and key axes at full length (batch, heads broadcast),
+      # and masked logits at a large finite negative rather than the dtype's minimum (as
+      # jax's own cuDNN masks, which work around a cuDNN bug with two such values).
       bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+      if impl == "cudnn":
+        bias = jnp.maximum(bias, jnp.asarray(-2.0 ** 41, bias.dtype))
       out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0,
                                          implementation=impl)
     out = constrain(out, ("batch", "length", "heads", "kv"))

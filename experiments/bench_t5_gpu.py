@@ -22,6 +22,9 @@ Cases (name: batch x source x target, options):
 
 Run (one NVIDIA GPU; ~5 minutes):
   python experiments/bench_t5_gpu.py --out /tmp/bench_t5_gpu.json
+Where the time goes (per-op table printed and saved in the JSON; traces for TensorBoard):
+  python experiments/bench_t5_gpu.py --cases base,cudnn --torch_cases '' \
+      --profile_cases base,cudnn --out $OUT/prof.json
 Hardware and expected result: see README "FLAN-T5 on a GPU" (H200, session 6).
 """
 
@@ -82,7 +85,7 @@ def matmul_ceiling_tflops(n: int = 8192) -> float:
   return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def run_jax(params, cfg, batch, args) -> dict:
+def run_jax(params, cfg, batch, args, profile_dir: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -110,11 +113,19 @@ def run_jax(params, cfg, batch, args) -> dict:
 
   times = timed_rounds(one, lambda: holder["loss"].block_until_ready(), args.steps,
                        args.rounds, args.warmup)
+  profile = None
+  if profile_dir:   # per-op times of 3 more steps (recjax.profiling)
+    from recjax import profiling
+    ops = profiling.op_times(
+        lambda: (one(), holder["loss"].block_until_ready()), steps=3, log_dir=profile_dir)
+    print(profiling.format_op_times(ops, top=30), flush=True)
+    profile = dict(top_ops_ms=dict(list(ops.items())[:60]), by_kind_ms=profiling.by_kind(ops))
   # Arguments (params, optimizer state, batch) + XLA's temporaries of the step.
   mem_bytes = sum(getattr(mem, f, 0) for f in ("argument_size_in_bytes", "temp_size_in_bytes"))
   out = dict(step_s=statistics.median(times), rounds_s=times, compile_s=compile_s,
              loss=float(holder["loss"]), xla_flops=float(cost.get("flops", 0.0)),
-             mem_gib=mem_bytes / 2 ** 30, cudnn_attention="__cudnn$fmha" in hlo)
+             mem_gib=mem_bytes / 2 ** 30, cudnn_attention="__cudnn$fmha" in hlo,
+             profile=profile)
   del holder, state, compiled
   return out
 
@@ -165,6 +176,9 @@ def main():
   parser.add_argument("--cases", default="base,issue,cudnn,nodrop,large_batch,remat")
   parser.add_argument("--torch_cases", default="base,issue",
                       help="cases also run with transformers' PyTorch T5 ('' for none)")
+  parser.add_argument("--profile_cases", default="",
+                      help="cases whose recjax step is also traced (jax.profiler) and "
+                           "summarised per op; traces under <out>.profile/<case>")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=3)
@@ -233,7 +247,9 @@ def main():
         continue
       try:
         r = (run_torch(torch_model, cfg, batch, args) if backend == "pytorch"
-             else run_jax(params, cfg, batch, args))
+             else run_jax(params, cfg, batch, args,
+                          profile_dir=(f"{args.out}.profile/{name}"
+                                       if name in args.profile_cases.split(",") else None)))
       except Exception as e:  # noqa: BLE001 -- report and go on
         traceback.print_exc()
         entry[backend] = dict(error=f"{type(e).__name__}: {e}"[:2000])

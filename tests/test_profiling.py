@@ -20,9 +20,9 @@ def test_op_times_of_a_jitted_function(tmp_path):
   assert sum(kinds.values()) == pytest.approx(sum(times.values()))
   text = profiling.format_op_times(times)
   assert "by kind:" in text and next(iter(times)) in text
-  # A second trace in the same directory reads its own file.
+  # A second trace in the same directory (within the same second) gets its own run.
   again = profiling.op_times(lambda: f(a, a).block_until_ready(), steps=1,
                              log_dir=str(tmp_path))
-  assert set(again) == set(times)
+  assert again and len(list(tmp_path.glob("trace_*"))) == 2
   with pytest.raises(ValueError):
     profiling.op_times(lambda: None, steps=0, log_dir=str(tmp_path))

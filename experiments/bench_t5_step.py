@@ -189,13 +189,17 @@ def gemm_rates(cfg: T5Config, args) -> dict[str, dict[str, float]]:
     ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
     runs = {"recjax": lambda: matmul(ja, jb).block_until_ready(), "pytorch": lambda: ta @ tb}
     times = {lib: [] for lib in runs}
-    for fn in runs.values():
-      fn()
-    for _ in range(15):                     # interleaved, median
+    # 3 rounds of (5 calls of one library, then 5 of the other): not call by call, since
+    # a library's worker threads keep spinning for a while after a call (PyTorch's OpenMP
+    # pool) and slow the other library's next call (XLA's GEMMs read 68-96 instead of
+    # 130-157 GFLOP/s call-by-call on the session-6 VM); each block's first call is dropped.
+    for _ in range(3):
       for lib, fn in runs.items():
-        t0 = time.perf_counter()
-        fn()
-        times[lib].append(time.perf_counter() - t0)
+        for i in range(6):
+          t0 = time.perf_counter()
+          fn()
+          if i:
+            times[lib].append(time.perf_counter() - t0)
     rates[f"{name} {m}x{k}x{n}"] = {lib: 2 * m * k * n / statistics.median(t) / 1e9
                                     for lib, t in times.items()}
   return rates
@@ -306,7 +310,7 @@ def main():
                     for name, r in results.items() if isinstance(r, dict)))
   if args.gemm and {"recjax", "pytorch"} <= set(results):
     results["gemm_gflops_per_s"] = gemm_rates(cfg, args)
-    print("float32 GEMM alone at the step's shapes (GFLOP/s, median of 15 interleaved):")
+    print("float32 GEMM alone at the step's shapes (GFLOP/s, median of 15, in blocks of 5):")
     for name, r in results["gemm_gflops_per_s"].items():
       print(f"  {name:<36} recjax (XLA) {r['recjax']:6.0f}   pytorch {r['pytorch']:6.0f}")
   results["meta"] = dict(vars(args), cpu_count=os.cpu_count(), cpu_model=cpu_model(),

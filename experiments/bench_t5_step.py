@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -100,20 +101,24 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def time_steps(step_fn, steps: int) -> tuple[list[float], list[float]]:
-  """Wall and process-CPU seconds of each of `steps` calls."""
-  times, cpu = [], []
+def time_steps(step_fn, steps: int) -> tuple[list[float], list[float], list[int]]:
+  """Wall seconds, process-CPU seconds and minor page faults of each of `steps` calls
+  (the faults show whether the allocator hands freed memory back; recjax/allocator.py)."""
+  times, cpu, faults = [], [], []
   for _ in range(steps):
     t0, c0 = time.perf_counter(), time.process_time()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step_fn()
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  return times, cpu
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  return times, cpu, faults
 
 
-def _summary(times, cpu, **extra) -> dict:
+def _summary(times, cpu, faults, **extra) -> dict:
   return dict(median_s=statistics.median(times), times_s=times,
-              median_cpu_s=statistics.median(cpu), cpu_s=cpu, **extra)
+              median_cpu_s=statistics.median(cpu), cpu_s=cpu,
+              median_faults=statistics.median(faults), **extra)
 
 
 def make_train_step(module, tx):
@@ -281,22 +286,22 @@ def main():
     for _ in range(args.warmup):
       run()
   # Interleaved rounds, so that a slower minute of this (shared, virtual) CPU hits both.
-  timed = {name: ([], []) for name in runners}
+  timed = {name: ([], [], []) for name in runners}
   for _ in range(args.rounds):
     for name, (run, _) in runners.items():
-      times, cpu = time_steps(run, args.steps)
-      timed[name][0].extend(times)
-      timed[name][1].extend(cpu)
+      for acc, values in zip(timed[name], time_steps(run, args.steps)):
+        acc.extend(values)
   results = {name: _summary(*timed[name], **info()) for name, (_, info) in runners.items()}
 
   print(f"\nT5 train step, shape={args.shape} batch={args.batch} source={args.source_len} "
         f"target={args.target_len} float32 AdamW dropout={args.dropout_rate}; "
         f"{cpu_model()}, {os.cpu_count()} cores, allocator {allocator.loaded()}")
   print(f"{'backend':<10}{'median s/step':>15}{'min':>10}{'max':>10}{'cpu s/step':>12}"
-        f"{'loss':>10}")
+        f"{'faults/step':>13}{'loss':>10}")
   for name, r in results.items():
     print(f"{name:<10}{r['median_s']:>15.4f}{min(r['times_s']):>10.4f}"
-          f"{max(r['times_s']):>10.4f}{r['median_cpu_s']:>12.3f}{r['last_loss']:>10.4f}")
+          f"{max(r['times_s']):>10.4f}{r['median_cpu_s']:>12.3f}{r['median_faults']:>13.0f}"
+          f"{r['last_loss']:>10.4f}")
   if len(results) == 2:
     speedup = results["pytorch"]["median_s"] / results["recjax"]["median_s"]
     print(f"speed-up recjax vs pytorch: {speedup:.2f}x")

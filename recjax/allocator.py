@@ -3,9 +3,9 @@
 Applies on every platform (host-side buffers of GPU/TPU runs too); `--allocator=system`
 opts out. Why: XLA:CPU allocates each executable's temporary buffers (hundreds of MB for a T5 step)
 on every call. glibc's malloc serves blocks that large with fresh `mmap`s, so every step
-page-faults its whole working set in again: ~185,000 minor faults and ~0.6 s of kernel time
-per flan-t5-small train step on a 2-core VM (1.6 vs 2.1 s per step with tcmalloc, which keeps
-and reuses freed memory; README "CPU memory allocator"). PyTorch's CPU tuning guide gives the
+page-faults its whole working set in again: ~185,000 minor faults per flan-t5-small train step
+on a 2-core VM (1.66 vs 1.90 s per step with tcmalloc, which keeps and reuses freed memory, and
+0 faults; README "CPU memory allocator"). PyTorch's CPU tuning guide gives the
 same advice for the same reason. The allocator can only be chosen before the process starts,
 so entry points (launch/main.py, the benchmarks) call `reexec_with(...)` first thing; it
 re-runs the same command line with `LD_PRELOAD` set, once.

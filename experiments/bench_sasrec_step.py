@@ -56,7 +56,8 @@ def all_outputs_loss(task):
     s = batch["labels"].shape[1]
     hidden = task.model.apply({"params": params}, batch["inputs"], deterministic=False,
                               rngs={"dropout": dropout_rng})[:, -s:]
-    logits = task.model.apply({"params": params}, hidden, method=SASRec.score)
+    logits = task.model.apply({"params": params}, hidden, method=SASRec.score,
+                              history_ids=batch["inputs"])
     total, count = losses.softmax_cross_entropy(logits, batch["labels"], batch["mask"])
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"loss_ce": loss, "num_targets": count}

@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.02
   c.model.scale_embeddings = False
   c.model.position_mode = "from_end"      # or "from_start" (RecBole)
+  c.model.history_bias = False            # True: + learned offset for seen items
+                                          # (not Kang & McAuley's SASRec; README)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.type = "ce"                      # "ce" (full softmax) or "bce"

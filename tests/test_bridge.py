@@ -134,6 +134,11 @@ def test_experiment_configs_build_their_shapes():
     assert shapes["bridge"]["memory"]["item_memory"].shape == (1688, 64)
     assert shapes["bridge"]["crm_to_llm"]["prompt"]["kernel"].shape == (64, 4 * d_model)
     assert stages.get_schedule(config.loss.schedule)
+  config = load("joint_ml100k.py")
+  with config.unlocked():
+    config.crm.history_bias = True
+  with pytest.raises(ValueError, match="crm.history_bias"):
+    build_joint_task(config, num_items=1682)
 
 
 

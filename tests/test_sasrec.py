@@ -150,3 +150,76 @@ def test_losses_match_reference(loss_type):
     per = -np.log(sig(pos)) - np.log(1 - sig(neg)).sum(-1)
   ref = (per * mask).sum() / mask.sum()
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_history_bias_adds_a_learned_offset_to_seen_items_causally():
+  cfg = SASRecConfig(**{**CFG.__dict__, "history_bias": True})
+  model, plain = SASRec(cfg), SASRec(CFG)
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  assert nn.unbox(boxed)["params"]["history_bias"] == 0.0     # starts as plain SASRec
+  params = dict(nn.unbox(boxed)["params"], history_bias=jnp.float32(-3.0))
+  base = {k: v for k, v in params.items() if k != "history_bias"}
+  rng = np.random.default_rng(7)
+  ids = _histories(rng, 4, 12, 30)
+  ids[0, -3:] = [5, 5, 9]                                      # a repeat counts once
+  hidden = plain.apply({"params": base}, ids)                  # [B, L, D], all positions
+  ref = np.asarray(plain.apply({"params": base}, hidden, method=SASRec.score))
+  got = np.asarray(model.apply({"params": params}, hidden, method=SASRec.score,
+                               history_ids=ids))
+  for b in range(4):
+    for t in range(12):
+      seen = np.zeros(31, bool)
+      seen[ids[b, :t + 1]] = True
+      seen[0] = False
+      np.testing.assert_allclose(got[b, t], ref[b, t] - 3.0 * seen, rtol=1e-6, atol=1e-6)
+  # The training loss's S < L outputs line up with the window's last S positions.
+  tail = np.asarray(model.apply({"params": params}, hidden[:, -3:], method=SASRec.score,
+                                history_ids=ids))
+  np.testing.assert_allclose(tail, got[:, -3:], rtol=1e-6, atol=1e-6)
+  # Evaluation scores: the whole window counts.
+  scores = np.asarray(model.apply({"params": params}, ids, method=SASRec.scores))
+  np.testing.assert_allclose(scores, got[:, -1], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="history_bias"):
+    model.apply({"params": params}, hidden, method=SASRec.score)
+  # Causal: changing later items leaves earlier positions' logits alone.
+  later = ids.copy()
+  later[:, 8:] = rng.integers(1, 31, (4, 4))
+  h2 = plain.apply({"params": base}, later)
+  got2 = np.asarray(model.apply({"params": params}, h2, method=SASRec.score,
+                                history_ids=later))
+  np.testing.assert_allclose(got2[:, :8], got[:, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_history_bias_is_trained_by_the_ce_loss():
+  cfg = SASRecConfig(**{**CFG.__dict__, "history_bias": True})
+  task = SequentialTask(cfg)
+  params = nn.unbox(task.init(jax.random.key(0)))
+  rng = np.random.default_rng(8)
+  inputs = _histories(rng, 4, 12, 30, min_len=6)
+  labels = inputs[:, -3:].copy()                    # every target repeats a seen item
+  batch = {"inputs": inputs, "labels": labels, "mask": np.ones((4, 3), bool)}
+  grads = jax.grad(lambda p: task.loss(p, batch, jax.random.key(1))[0])(params)
+  assert grads["history_bias"] < 0                  # raising it lowers this loss
+  with pytest.raises(ValueError, match="history_bias"):
+    SequentialTask(cfg, loss_type="bce")
+
+
+def test_history_bias_with_a_padded_item_table_has_logical_axes():
+  cfg = SASRecConfig(**{**CFG.__dict__, "history_bias": True, "item_table_multiple": 8})
+  model = SASRec(cfg)
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
+  assert isinstance(boxed["history_bias"], nn.Partitioned)
+  assert boxed["history_bias"].names == ()
+  params = dict(nn.unbox(boxed), history_bias=jnp.float32(1.5))
+  ids = _histories(np.random.default_rng(9), 3, 12, 30)
+  scores = np.asarray(model.apply({"params": params}, ids, method=SASRec.scores))
+  assert scores.shape == (3, 31)              # table rows 32, padding rows never scored
+  plain_cfg = SASRecConfig(**{**CFG.__dict__, "item_table_multiple": 8})
+  plain = np.asarray(SASRec(plain_cfg).apply(
+      {"params": {k: v for k, v in params.items() if k != "history_bias"}},
+      model.apply({"params": params}, ids, num_outputs=1), method=SASRec.score))[:, 0]
+  seen = np.zeros((3, 31), bool)
+  for b in range(3):
+    seen[b, ids[b]] = True
+  seen[:, 0] = False
+  np.testing.assert_allclose(scores, plain + 1.5 * seen, rtol=1e-5, atol=1e-5)

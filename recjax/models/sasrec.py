@@ -17,6 +17,13 @@ Two block layouts are offered (`norm_first`):
 Padding: keys at padded positions are masked out of attention and padded
 positions' outputs are zeroed, so real outputs never depend on padding.
 
+`history_bias=True` (off by default; not part of Kang & McAuley's model) adds
+one learned scalar to the logit of every item already in the window up to the
+scored position: `logits[b, t, i] += w * [i in items[b, :t+1]]`, a one-parameter
+repeat/explore switch (RepeatNet's idea, reduced to a bias). The data decide its
+sign: on MovieLens nobody rates a film twice, so it learns to push seen items
+down, which a dot-product user state cannot do for dozens of items at once.
+
 Layout: the blocks keep activations flattened to float[B*L, D] so every dense
 layer is a 2-D matmul; on the CPU, XLA's gradient of a 3-D input matmul (two
 contracted axes) is about 4x slower. Only attention reshapes to [B, L, H, Dh].
@@ -59,6 +66,8 @@ class SASRecConfig:
   # is position 0, as RecBole) or "from_end" (the last slot is max_len - 1,
   # as the original code, where the left padding fixes the positions).
   position_mode: str = "from_end"
+  # One learned logit offset for items already in the window (see top).
+  history_bias: bool = False
   # Rows of the item table are padded to a multiple of this, so the table can
   # be sharded along the item axis; padded rows are never scored.
   item_table_multiple: int = 1
@@ -187,6 +196,10 @@ class SASRec(nn.Module):
     self.ln_embed = _layer_norm(cfg, "ln_embed" if not cfg.norm_first
                                 else "ln_final")
     self.dropout = Dropout(cfg.dropout, cfg.dropout_impl)
+    if cfg.history_bias:
+      self.history_weight = self.param(
+          "history_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()),
+          ())
 
   def __call__(self, item_ids: Array, *, deterministic: bool = True,
                item_extra: Array | None = None, return_hidden: bool = False,
@@ -258,14 +271,26 @@ class SASRec(nn.Module):
     """float[N + 1, D]: the (shared) item embeddings used for scoring."""
     return self.item_embedding.embedding
 
-  def score(self, hidden: Array, item_table: Array | None = None) -> Array:
-    """float[..., D] -> float32[..., N + 1] logits over the whole catalogue."""
+  def score(self, hidden: Array, item_table: Array | None = None,
+            history_ids: Array | None = None) -> Array:
+    """float[..., D] -> float32[..., N + 1] logits over the whole catalogue.
+
+    history_ids: int32[B, L], the window `hidden` float[B, S, D] was computed
+      from (its last S positions); required with `history_bias`, ignored without.
+    """
     table = self.item_table() if item_table is None else item_table
     table = table[:self.cfg.num_items + 1]
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])       # 2-D matmul (see top)
     logits = flat @ table.astype(hidden.dtype).T
-    return logits.reshape(*lead, table.shape[0]).astype(jnp.float32)
+    logits = logits.reshape(*lead, table.shape[0]).astype(jnp.float32)
+    if self.cfg.history_bias:
+      if history_ids is None or hidden.ndim != 3:
+        raise ValueError("history_bias: score() needs hidden float[B, S, D] and "
+                         "the window history_ids int32[B, L] it came from")
+      logits = logits + self.history_weight * seen_items(
+          history_ids, hidden.shape[1], table.shape[0])
+    return logits
 
   def last_hidden(self, item_ids: Array) -> Array:
     """int32[B, L] -> float[B, D]: the user state after the last item."""
@@ -273,4 +298,24 @@ class SASRec(nn.Module):
 
   def scores(self, item_ids: Array) -> Array:
     """int32[B, L] histories -> float32[B, N + 1] next-item scores (eval)."""
-    return self.score(self.last_hidden(item_ids))
+    hidden = self.last_hidden(item_ids)[:, None]
+    return self.score(hidden, history_ids=item_ids)[:, 0]
+
+
+def seen_items(item_ids: Array, num_outputs: int, num_rows: int) -> Array:
+  """int32[B, L] window -> float32[B, S, num_rows]: 1 where item i occurs at or
+  before the s-th of the last S = num_outputs positions (padding 0 never counts).
+
+  Each row scatters its items' first positions into int32[num_rows] (vmapped,
+  so a batch-sharded input stays local to its devices), then one comparison
+  against the S output positions gives the mask.
+  """
+  length = item_ids.shape[1]
+  positions = length - num_outputs + jnp.arange(num_outputs)       # [S]
+
+  def first_position(ids):                                         # [L] -> [V]
+    where = jnp.where(ids != 0, jnp.arange(length), length)
+    return jnp.full((num_rows,), length, jnp.int32).at[ids].min(where, mode="drop")
+
+  first = jax.vmap(first_position)(item_ids)                       # [B, V]
+  return (first[:, None, :] <= positions[None, :, None]).astype(jnp.float32)

@@ -329,6 +329,9 @@ def build_joint_task(config, num_items: int) -> JointTask:
 
   crm = SASRecConfig(num_items=num_items,
                      **check_dtypes(config.crm.to_dict(), "crm", ("dtype",)))
+  if crm.history_bias:
+    raise ValueError("crm.history_bias: not supported by the joint model (its CRM and LLM "
+                     "heads score without the window); use it with the SASRec task")
   llm_cfg = check_dtypes(config.llm.to_dict(), "llm", ("dtype", "param_dtype"))
   preset = llm_cfg.pop("preset")
   llm_cfg.pop("checkpoint", None)

@@ -26,6 +26,8 @@ class SequentialTask:
   def __post_init__(self):
     if self.loss_type not in ("ce", "bce"):
       raise ValueError(f"loss.type: unknown {self.loss_type!r} (ce, bce)")
+    if self.model_cfg.history_bias and self.loss_type != "ce":
+      raise ValueError("model.history_bias needs loss.type='ce' (full-catalogue logits)")
 
   @property
   def model(self) -> SASRec:
@@ -44,7 +46,8 @@ class SequentialTask:
     hidden = model.apply({"params": params}, batch["inputs"], deterministic=False,
                          num_outputs=s, rngs={"dropout": dropout_rng})   # [B, S, D]
     if self.loss_type == "ce":
-      logits = model.apply({"params": params}, hidden, method=SASRec.score)
+      logits = model.apply({"params": params}, hidden, method=SASRec.score,
+                           history_ids=batch["inputs"])
       total, count = losses.softmax_cross_entropy(logits, batch["labels"],
                                                   batch["mask"])
     else:

@@ -20,8 +20,8 @@ Run (CPU, quiet machine; ~1 min per child at flan-t5-small):
 Expected (session 7, AMD EPYC VM, jax 0.10.2): either oneDNN flag alone reports the default's
 fingerprint (it takes both `--xla_cpu_use_onednn=true` and `..._onednn_fusion_type=dot` to route
 dots to oneDNN) and still differs in time by up to ~25% from round to round; both together make
-the child fail ("partition compile failed", then SIGILL) on the T5 step here, though a single
-2-D matmul runs; an empty YNN fusion type compiles a different program (plain Eigen dots).
+the child fail ("partition compile failed", then SIGILL; seen with `--shape tiny`) on the T5
+step here, though a single 2-D matmul runs; an empty YNN fusion type compiles a different program (plain Eigen dots).
 A failed setting is reported and the others still run (exit status 1).
 """
 

@@ -31,7 +31,9 @@ with `weights_only=False`). The data are the complete MovieLens-100K atomic
 files that the RecBole wheel carries (943 users, 1,682 items, 100,000
 ratings; the same files recjax falls back to), with no filtering.
 Writes `<out>/result.json`: best validation and test metrics, fit seconds,
-and the validation NDCG@10 of every epoch.
+and the validation NDCG@10 of every epoch. `--split_only` writes RecBole's
+leave-one-out split instead (`<out>/split.json`), for
+`experiments/compare_split_recbole.py`.
 """
 
 import argparse
@@ -46,6 +48,10 @@ def main():
   parser.add_argument("--seed", type=int, default=2020)
   parser.add_argument("--epochs", type=int, default=20)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--split_only", action="store_true",
+                      help="write <out>/split.json (RecBole's validation and "
+                      "test targets and histories per user) and stop; "
+                      "experiments/compare_split_recbole.py reads it")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -80,6 +86,9 @@ def main():
   dataset = create_dataset(config)
   print(dataset, flush=True)
   train, valid, test = data_preparation(config, dataset)
+  if args.split_only:
+    _write_split(dataset, valid, test, os.path.join(args.out, "split.json"))
+    return
   init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
   model = SASRec(config, train._dataset).to(config["device"])  # pylint: disable=protected-access
   torch.autograd.set_detect_anomaly(False)  # RecBole's SINE import set it
@@ -96,6 +105,25 @@ def main():
   print(json.dumps(result, indent=1), flush=True)
   with open(os.path.join(args.out, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
+
+
+def _write_split(dataset, valid, test, path: str) -> None:
+  """{"valid"|"test": {raw user: [raw target, [raw history, oldest first]]}}."""
+  split = {}
+  for name, loader in (("valid", valid), ("test", test)):
+    feat = loader._dataset.inter_feat  # pylint: disable=protected-access
+    users = dataset.id2token("user_id", feat["user_id"].numpy())
+    targets = dataset.id2token("item_id", feat["item_id"].numpy())
+    lengths = feat["item_length"].numpy()
+    histories = feat["item_id_list"].numpy()
+    split[name] = {
+        str(u): [str(t), [str(x) for x in dataset.id2token(
+            "item_id", histories[k, :lengths[k]])]]
+        for k, (u, t) in enumerate(zip(users, targets))}
+  with open(path, "w") as f:
+    json.dump(split, f)
+  print(f"wrote {path}: " + ", ".join(f"{k} {len(v)} users"
+                                     for k, v in split.items()), flush=True)
 
 
 def _epoch_scores() -> list[float]:

@@ -62,6 +62,31 @@ def test_chronological_with_stable_tie_break_on_file_order():
   assert data.stats["timestamp_ties"] == 2
 
 
+def test_recbole_time_order_merges_float32_near_ties():
+  """RecBole min-max scales timestamps into float32 before its stable sort:
+  over a 2**27 s range the last seconds all round to 1.0 and keep file order."""
+  hi = 2**27
+  rows = [("u", "early", 1, 0), ("u", "x", 1, hi - 1), ("u", "y", 1, hi - 2),
+          ("u", "z", 1, hi), ("v", "a", 1, 10), ("v", "b", 1, 5),
+          ("v", "c", 1, hi)]
+  exact = preprocess(make_raw(rows))
+  assert sequences_raw(exact) == {"u": ["early", "y", "x", "z"],
+                                  "v": ["b", "a", "c"]}
+  assert exact.stats["time_order"] == "exact"
+  assert exact.stats["rows_out_of_exact_order"] == 0
+  assert exact.stats["rows_out_of_time_order"] == 0
+  rb = preprocess(make_raw(rows), PreprocessConfig(time_order="recbole"))
+  # x, y, z all scale to float32 1.0: file order; 5 and 10 s stay apart.
+  assert sequences_raw(rb) == {"u": ["early", "x", "y", "z"],
+                               "v": ["b", "a", "c"]}
+  np.testing.assert_array_equal(rb.timestamps[:4], [0, hi - 1, hi - 2, hi])
+  assert rb.stats["rows_out_of_exact_order"] == 2
+  assert rb.stats["rows_out_of_time_order"] == 1
+  assert "time order   recbole: 2 rows" in format_stats(rb.stats)
+  with pytest.raises(ValueError, match="time_order"):
+    PreprocessConfig(time_order="float32")
+
+
 def test_id_maps_numeric_aware_and_padding():
   rows = [("10", "x", 1, 1), ("10", "20", 1, 2), ("10", "3", 1, 3),
           ("2", "x", 1, 1), ("2", "3", 1, 2), ("2", "100", 1, 3),
@@ -392,6 +417,24 @@ def test_loader_reads_grouplens_ml100k_without_download(tmp_path):
   assert data.item_titles[1:] == ["Film 1", "Film 2", "Film 3"]
   assert data.item_info[3] == {"year": "1993", "genres": ["Western"],
                                "release_date": "", "url": "u"}
+
+
+def test_loader_expands_home_in_directories(tmp_path, monkeypatch):
+  """`~/...` directories (as the configs write them) resolve under $HOME."""
+  d = tmp_path / "data" / "ml-100k"
+  d.mkdir(parents=True)
+  (d / "u.data").write_text("".join(f"{u}\t{i}\t4\t{10 * i}\n"
+                                    for u in (1, 2) for i in (1, 2, 3)))
+  (d / "u.item").write_bytes("".join(
+      f"{i}|Film {i} (199{i})|||u|0|" + "|".join(["0"] * 17) + "|1\n"
+      for i in (1, 2, 3)).encode("latin-1"))
+  (d / "u.user").write_text("1|20|M|x|1\n2|30|F|y|2\n")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  data = loader.load_sequence_data("ml-100k", "~/data", "~/cache", None,
+                                   download=False)
+  assert (data.num_users, data.num_items) == (2, 3)
+  assert any((tmp_path / "cache").iterdir())
+  assert not (tmp_path / "~").exists()
 
 
 def test_loader_missing_files_and_unknown_name(tmp_path):

@@ -1,5 +1,6 @@
 """End to end: train + eval on a tiny dataset, --mode=eval, kill and resume."""
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import pytest
 
 from loop_testing import BASE_CONFIG, ROOT, latest_params, load_config_file
 from loop_testing import tiny_config
+from recjax.data.preprocess import PreprocessConfig
 from recjax.train import loop
 
 
@@ -95,6 +97,20 @@ def test_config_file_overrides_are_checked():
   assert (config.train.num_epochs, config.input.stride) == (3, 5)
   with pytest.raises(KeyError):                 # a mistyped key is refused
     load_config_file(BASE_CONFIG, {"train.num_epoch": 3})
+
+
+def test_load_data_forwards_every_preprocessing_field(tmp_path):
+  """Each PreprocessConfig field set in `config.data` reaches preprocessing."""
+  config, _ = tiny_config(
+      tmp_path, {"data.time_order": "recbole", "data.max_seq_len": 12,
+                 "data.dedup": "keep_last"})
+  data = loop.load_data(config.data)
+  fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
+  assert set(data.config) == fields
+  for name in fields:
+    assert data.config[name] == config.data[name], name
+  assert data.stats["time_order"] == "recbole"
+  assert data.seq_lengths().max() == 12
 
 
 def test_every_config_file_loads():

@@ -159,14 +159,16 @@ def load_sequence_data(name: str, data_dir: str, cache_dir: str, cfg=None,
 
   Args:
     name: dataset name (ml-100k, ml-1m, amazon2014-<Category>, ...).
-    data_dir: where raw files are found (and downloaded to).
-    cache_dir: where preprocessed datasets are cached.
+    data_dir: where raw files are found (and downloaded to); `~` expanded.
+    cache_dir: where preprocessed datasets are cached; `~` expanded.
     cfg: PreprocessConfig or a ConfigDict with its fields.
     download: allow downloading missing MovieLens files.
   Returns:
     The preprocessed SequenceData (from the cache when the key matches).
   """
   cfg = as_config(cfg)
+  data_dir = os.path.expanduser(data_dir)
+  cache_dir = os.path.expanduser(cache_dir)
   source = resolve_source(name, data_dir, download)
   path = cache_path(name, cache_dir, source, cfg)
   if os.path.isfile(os.path.join(path, "meta.json")):

@@ -38,6 +38,7 @@ from recjax import allocator
 from recjax import evaluation
 from recjax import sharding as shd
 from recjax import data as data_lib
+from recjax.data.preprocess import as_config as preprocess_config
 from recjax.data import pipeline
 from recjax.models.sasrec import SASRecConfig
 from recjax.train import checkpoint as ckpt_lib
@@ -51,11 +52,8 @@ from recjax.train.writers import MetricWriter
 
 def load_data(cfg) -> data_lib.SequenceData:
   """The preprocessed dataset named by `config.data` (cached on disk)."""
-  pre = data_lib.PreprocessConfig(
-      min_rating=cfg.get("min_rating"), dedup=cfg.get("dedup", "none"),
-      k_core=cfg.get("k_core", 0),
-      min_user_interactions=cfg.get("min_user_interactions", 3),
-      max_seq_len=cfg.get("max_seq_len", 0))
+  fields = {f.name for f in dataclasses.fields(data_lib.PreprocessConfig)}
+  pre = preprocess_config({k: v for k, v in cfg.items() if k in fields})
   return data_lib.load_sequence_data(
       cfg.name, os.path.expanduser(cfg.data_dir),
       os.path.expanduser(cfg.cache_dir), pre, download=cfg.get("download", True))

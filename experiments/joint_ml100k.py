@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.k_core = 0
   c.data.min_user_interactions = 3
   c.data.max_seq_len = 0
+  c.data.time_order = "exact"             # or "recbole": RecBole 1.2.1's split
 
   # Prompts (recjax.data.prompts.PromptConfig) and the from-scratch vocabulary.
   c.prompt = ml_collections.ConfigDict()

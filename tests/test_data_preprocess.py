@@ -64,11 +64,13 @@ def test_chronological_with_stable_tie_break_on_file_order():
 
 def test_recbole_time_order_merges_float32_near_ties():
   """RecBole min-max scales timestamps into float32 before its stable sort:
-  over a 2**27 s range the last seconds all round to 1.0 and keep file order."""
-  hi = 2**27
+  over a 2**27 s range the last seconds all round to 1.0 and keep file order;
+  seconds near the minimum stay apart only if the minimum is subtracted."""
+  base, hi = 874_724_710, 2**27      # ML-100K's first timestamp as the base
   rows = [("u", "early", 1, 0), ("u", "x", 1, hi - 1), ("u", "y", 1, hi - 2),
           ("u", "z", 1, hi), ("v", "a", 1, 10), ("v", "b", 1, 5),
           ("v", "c", 1, hi)]
+  rows = [(u, i, r, base + t) for u, i, r, t in rows]
   exact = preprocess(make_raw(rows))
   assert sequences_raw(exact) == {"u": ["early", "y", "x", "z"],
                                   "v": ["b", "a", "c"]}
@@ -79,10 +81,18 @@ def test_recbole_time_order_merges_float32_near_ties():
   # x, y, z all scale to float32 1.0: file order; 5 and 10 s stay apart.
   assert sequences_raw(rb) == {"u": ["early", "x", "y", "z"],
                                "v": ["b", "a", "c"]}
-  np.testing.assert_array_equal(rb.timestamps[:4], [0, hi - 1, hi - 2, hi])
+  np.testing.assert_array_equal(rb.timestamps[:4] - base,
+                                [0, hi - 1, hi - 2, hi])
   assert rb.stats["rows_out_of_exact_order"] == 2
   assert rb.stats["rows_out_of_time_order"] == 1
   assert "time order   recbole: 2 rows" in format_stats(rb.stats)
+  # Counted over the rows that survive the filters: user u's swapped x, y go
+  # with u (3 rows < 4), v's 4 rows keep their exact order.
+  kept = preprocess(make_raw(rows[:3] + rows[4:] + [("v", "d", 1, base + 20)]),
+                    PreprocessConfig(time_order="recbole",
+                                     min_user_interactions=4))
+  assert sequences_raw(kept) == {"v": ["b", "a", "d", "c"]}
+  assert kept.stats["rows_out_of_exact_order"] == 0
   with pytest.raises(ValueError, match="time_order"):
     PreprocessConfig(time_order="float32")
 
@@ -401,15 +411,19 @@ def test_cache_hit_then_miss_on_config_or_file_change(tmp_path, monkeypatch,
   assert len(calls) == 4
 
 
-def test_loader_reads_grouplens_ml100k_without_download(tmp_path):
-  d = tmp_path / "ml-100k"
-  d.mkdir()
+def write_grouplens_ml100k(d):
+  """Two users, three films, in GroupLens' ML-100K layout under `d`."""
+  d.mkdir(parents=True)
   (d / "u.data").write_text("".join(f"{u}\t{i}\t4\t{10 * i}\n"
                                     for u in (1, 2) for i in (1, 2, 3)))
   (d / "u.item").write_bytes("".join(
       f"{i}|Film {i} (199{i})|||u|0|" + "|".join(["0"] * 17) + "|1\n"
       for i in (1, 2, 3)).encode("latin-1"))
   (d / "u.user").write_text("1|20|M|x|1\n2|30|F|y|2\n")
+
+
+def test_loader_reads_grouplens_ml100k_without_download(tmp_path):
+  write_grouplens_ml100k(tmp_path / "ml-100k")
   data = loader.load_sequence_data("ml-100k", str(tmp_path),
                                    str(tmp_path / "cache"), None,
                                    download=False)
@@ -421,15 +435,9 @@ def test_loader_reads_grouplens_ml100k_without_download(tmp_path):
 
 def test_loader_expands_home_in_directories(tmp_path, monkeypatch):
   """`~/...` directories (as the configs write them) resolve under $HOME."""
-  d = tmp_path / "data" / "ml-100k"
-  d.mkdir(parents=True)
-  (d / "u.data").write_text("".join(f"{u}\t{i}\t4\t{10 * i}\n"
-                                    for u in (1, 2) for i in (1, 2, 3)))
-  (d / "u.item").write_bytes("".join(
-      f"{i}|Film {i} (199{i})|||u|0|" + "|".join(["0"] * 17) + "|1\n"
-      for i in (1, 2, 3)).encode("latin-1"))
-  (d / "u.user").write_text("1|20|M|x|1\n2|30|F|y|2\n")
+  write_grouplens_ml100k(tmp_path / "data" / "ml-100k")
   monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
   data = loader.load_sequence_data("ml-100k", "~/data", "~/cache", None,
                                    download=False)
   assert (data.num_users, data.num_items) == (2, 3)

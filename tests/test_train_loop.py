@@ -103,13 +103,18 @@ def test_load_data_forwards_every_preprocessing_field(tmp_path):
   """Each PreprocessConfig field set in `config.data` reaches preprocessing."""
   config, _ = tiny_config(
       tmp_path, {"data.time_order": "recbole", "data.max_seq_len": 12,
-                 "data.dedup": "keep_last"})
+                 "data.dedup": "keep_last", "data.min_rating": 1.0,
+                 "data.k_core": 2, "data.min_user_interactions": 4})
   data = loop.load_data(config.data)
   fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
   assert set(data.config) == fields
-  for name in fields:
+  defaults = PreprocessConfig()
+  for name in fields:     # every field set away from its default, and kept
     assert data.config[name] == config.data[name], name
+    assert data.config[name] != getattr(defaults, name), name
   assert data.stats["time_order"] == "recbole"
+  assert [s["step"] for s in data.stats["steps"]] == [
+      "min_rating", "dedup", "k_core", "max_seq_len", "min_user_interactions"]
   assert data.seq_lengths().max() == 12
 
 

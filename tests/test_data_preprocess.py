@@ -2,7 +2,9 @@
 save/load, and the loader's cache. No network."""
 
 import dataclasses
+import importlib.util
 import logging
+import os
 import socket
 
 import ml_collections
@@ -453,3 +455,35 @@ def test_loader_missing_files_and_unknown_name(tmp_path):
     loader.load_sequence_data("netflix", str(tmp_path), str(tmp_path))
   with pytest.raises(DataError, match="downloaded by hand"):
     loader.load_sequence_data("amazon2018-Toys", str(tmp_path), str(tmp_path))
+
+
+def test_compare_split_recbole_counts_differences():
+  """experiments/compare_split_recbole.py: the per-user split comparison."""
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                      "experiments", "compare_split_recbole.py")
+  spec = importlib.util.spec_from_file_location("compare_split_recbole", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rows = [("u", "a", 1, 1), ("u", "b", 1, 2), ("u", "c", 1, 3),
+          ("u", "d", 1, 4), ("v", "x", 1, 1), ("v", "y", 1, 2),
+          ("v", "z", 1, 3)]
+  data = preprocess(make_raw(rows))
+  same = {"valid": {"u": ["c", ["a", "b"]], "v": ["y", ["x"]]},
+          "test": {"u": ["d", ["a", "b", "c"]], "v": ["z", ["x", "y"]]}}
+  counts = module.compare(data, same, max_len=50)
+  assert counts == {"users": 2, "users_missing_in_recbole": 0,
+                    "valid_targets": 0, "test_targets": 0,
+                    "valid_histories": 0, "test_histories": 0}
+  other = {"valid": {"u": ["b", ["a", "c"]]},      # v missing; u's c, b swapped
+           "test": {"u": ["d", ["a", "c", "b"]]}}
+  counts = module.compare(data, other, max_len=50)
+  assert counts == {"users": 2, "users_missing_in_recbole": 1,
+                    "valid_targets": 1, "test_targets": 0,
+                    "valid_histories": 1, "test_histories": 1}
+  # Only the last max_len history items are compared.
+  assert module.compare(data, {"valid": {"u": ["c", ["b"]]},
+                               "test": {"u": ["d", ["b", "c"]]}},
+                        max_len=1)["test_histories"] == 1
+  assert module.compare(data, {"valid": {"u": ["c", ["b"]]},
+                               "test": {"u": ["d", ["c"]]}},
+                        max_len=1)["test_histories"] == 0

@@ -54,9 +54,8 @@ def load_data(cfg) -> data_lib.SequenceData:
   """The preprocessed dataset named by `config.data` (cached on disk)."""
   fields = {f.name for f in dataclasses.fields(data_lib.PreprocessConfig)}
   pre = preprocess_config({k: v for k, v in cfg.items() if k in fields})
-  return data_lib.load_sequence_data(
-      cfg.name, os.path.expanduser(cfg.data_dir),
-      os.path.expanduser(cfg.cache_dir), pre, download=cfg.get("download", True))
+  return data_lib.load_sequence_data(cfg.name, cfg.data_dir, cfg.cache_dir, pre,
+                                     download=cfg.get("download", True))
 
 
 def build_task(config, num_items: int) -> SequentialTask:

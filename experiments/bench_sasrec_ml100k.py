@@ -68,6 +68,8 @@ def _row(seed, res):
   return {
       "seed": seed,
       "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"],
+      # Standard error over the test users of this one run (absent in old results).
+      "test_ndcg@10_se_users": test.get("ndcg@10_se"),
       "valid_ndcg@10_at_best": valid["ndcg@10"],
       "best_step": res["best_step"], "steps": res["steps"],
       "epochs": res["epochs"],
@@ -86,7 +88,11 @@ def _summary(rows):
       continue
     vals = [r[key] for r in rows if r[key] is not None]
     if vals:
+      # std: population (np.std), as the README reports; sem: the standard error
+      # of the mean over seeds (sample std / sqrt(n)).
       out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                  "sem": (float(np.std(vals, ddof=1) / np.sqrt(len(vals)))
+                          if len(vals) > 1 else None),
                   "min": float(np.min(vals)), "max": float(np.max(vals)),
                   "n": len(vals)}
   return out
@@ -111,6 +117,14 @@ def _markdown(rows, summary, config_path, overrides):
             f"{ms('test_ndcg@10')}, test HR@10 {ms('test_hr@10')}; "
             f"RecBole 1.2.1: {RECBOLE['test_ndcg@10']} / "
             f"{RECBOLE['test_hr@10']}."]
+  sem = summary.get("test_ndcg@10", {}).get("sem")
+  users = summary.get("test_ndcg@10_se_users", {}).get("mean")
+  if sem is not None or users is not None:
+    lines.append("standard error of test NDCG@10: "
+                 + (f"of the mean over seeds {sem:.4f}" if sem is not None else "")
+                 + ("; " if sem is not None and users is not None else "")
+                 + (f"of one run over its test users {users:.4f}"
+                    if users is not None else "") + ".")
   return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.type = "ce"                      # "ce" (full softmax) or "bce"
   c.loss.num_negatives = 1                # bce only
+  c.loss.label_smoothing = 0.0            # ce only; eps spread over items 1..N
 
   c.input = ml_collections.ConfigDict()
   # Windows end every `stride` targets; loss on their last `stride` positions.
@@ -61,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.stride = 10
   c.input.windows_per_user = 0            # 0 = all windows; 1 = paper's last
   c.input.batch_size = 32                 # windows per step
+  # > 0: weight each user's targets by n_targets**-p (1 = users weigh equally, as
+  # in the evaluation); 0 = the plain mean over targets.
+  c.input.user_weight_power = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

@@ -206,8 +206,8 @@ class RankingEvaluator:
       valid: bool[B], False on padding rows.
 
     Returns:
-      {"hr@k" | ... | "count" | "num_nan_rows": float32[B]}, per-example values
-      that are 0 on padding rows. They are summed on the host in float64, so
+      {"hr@k" | ... | "hr@k_sq" | ... | "count" | "num_nan_rows": float32[B]},
+      per-example values (and their squares) that are 0 on padding rows. They are summed on the host in float64, so
       results do not depend on batch size or sharding (no float32 reduction
       whose order could change).
     """
@@ -232,6 +232,8 @@ class RankingEvaluator:
         name: jnp.where(valid, v, 0.0)
         for name, v in metrics_lib.per_example_metrics(ranks, p.ks).items()
     }
+    values.update({name + metrics_lib.SQUARES_SUFFIX: v * v
+                   for name, v in values.items()})
     values[metrics_lib.COUNT_KEY] = valid.astype(jnp.float32)
     values["num_nan_rows"] = (nan & valid).astype(jnp.float32)
     return values
@@ -281,7 +283,9 @@ class RankingEvaluator:
       popularity: int64[N + 1] item counts for sampling="popularity".
 
     Returns:
-      {"hr@k", "ndcg@k", "mrr@k" (means), "num_examples", "num_nan_rows"}.
+      {"hr@k", "ndcg@k", "mrr@k" (means), "hr@k_se", ... (standard errors of
+      those means over the users; absent for a single user), "num_examples",
+      "num_nan_rows"}.
     """
     p = self.protocol
     histories = np.asarray(histories, np.int32)
@@ -333,12 +337,30 @@ class RankingEvaluator:
 
 
 def format_results(results: dict[str, float], protocol: Protocol) -> str:
-  """A small table headed by the protocol line."""
-  lines = [str(protocol), f"{'K':>4}  {'HR':>7}  {'NDCG':>7}  {'MRR':>7}"]
+  """A small table headed by the protocol line.
+
+  Each cell is the mean over users, followed by `+- standard error` when the
+  results carry one (`<metric>_se`, see `metrics.finalize`).
+  """
+  se = metrics_lib.SE_SUFFIX
+  with_se = all(f"{m}@{k}{se}" in results
+                for k in protocol.ks for m in metrics_lib.METRICS)
+  width = 16 if with_se else 7
+
+  def cell(name):
+    text = f"{results[name]:.4f}"
+    if with_se:
+      text += f" +- {results[name + se]:.4f}"
+    return f"{text:>{width}}"
+
+  lines = [str(protocol),
+           f"{'K':>4}  {'HR':>{width}}  {'NDCG':>{width}}  {'MRR':>{width}}"]
   for k in protocol.ks:
-    lines.append(f"{k:>4}  {results[f'hr@{k}']:7.4f}  "
-                 f"{results[f'ndcg@{k}']:7.4f}  {results[f'mrr@{k}']:7.4f}")
+    lines.append(f"{k:>4}  {cell(f'hr@{k}')}  {cell(f'ndcg@{k}')}  "
+                 f"{cell(f'mrr@{k}')}")
   footer = f"users: {results.get('num_examples', '?')}"
+  if with_se:
+    footer += " | +- = standard error of the mean over users"
   if results.get("num_nan_rows"):
     footer += f" | WARNING: {results['num_nan_rows']} rows had NaN scores"
   lines.append(footer)

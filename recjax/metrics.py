@@ -24,6 +24,7 @@ The jittable functions take `ties` and `ks` as Python values: mark them static
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ import numpy as np
 TIES = ("pessimistic", "optimistic", "average")
 METRICS = ("hr", "ndcg", "mrr")
 COUNT_KEY = "count"
+SQUARES_SUFFIX = "_sq"    # accumulated sum of squares of a metric (see `finalize`)
+SE_SUFFIX = "_se"         # standard error of a metric's mean over examples
 
 
 def _check_ties(ties: str) -> None:
@@ -227,6 +230,7 @@ def ranking_metrics(
     ranks: jax.Array,
     ks: Sequence[int] = (5, 10, 20),
     mask: jax.Array | None = None,
+    with_squares: bool = False,
 ) -> dict[str, jax.Array]:
   """Masked metric sums and the example count of one batch.
 
@@ -237,9 +241,11 @@ def ranking_metrics(
     ks: cut-offs.
     mask: bool[B] or None; False rows (e.g. padding of the last batch) count
       for nothing.
+    with_squares: also return each metric's sum of squares (key + "_sq"), from
+      which `finalize` derives the standard error of the mean.
 
   Returns:
-    {"hr@k" | "ndcg@k" | "mrr@k": float32[], "count": float32[]}.
+    {"hr@k" | "ndcg@k" | "mrr@k" [| "<metric>_sq"]: float32[], "count": float32[]}.
   """
   per_example = per_example_metrics(ranks, ks)
   if mask is None:
@@ -248,6 +254,9 @@ def ranking_metrics(
   # `where`, not a product: a padding row may hold any rank (even 0 -> inf).
   sums = {name: jnp.sum(jnp.where(mask, v, 0.0))
           for name, v in per_example.items()}
+  if with_squares:
+    sums.update({name + SQUARES_SUFFIX: jnp.sum(jnp.where(mask, v * v, 0.0))
+                 for name, v in per_example.items()})
   sums[COUNT_KEY] = jnp.sum(mask.astype(jnp.float32))
   return sums
 
@@ -255,16 +264,32 @@ def ranking_metrics(
 def finalize(sums: Mapping[str, Any]) -> dict[str, float]:
   """Divides accumulated sums by their count: {"hr@k": mean, ...}.
 
+  A sum of squares `"<metric>_sq"` (see `ranking_metrics(with_squares=True)`)
+  becomes `"<metric>_se"`, the standard error of that mean over the examples,
+  sqrt(s^2 / n) with the sample variance s^2 (n - 1 in its denominator); it is
+  left out when there is a single example.
+
   Raises:
     ValueError: if the count is zero (no examples were evaluated).
   """
   count = float(sums[COUNT_KEY])
   if count <= 0:
     raise ValueError("no examples to average (count is 0)")
-  return {
-      name: float(value) / count
-      for name, value in sums.items() if name != COUNT_KEY
-  }
+  out = {}
+  for name, value in sums.items():
+    if name == COUNT_KEY or name.endswith(SQUARES_SUFFIX):
+      continue
+    out[name] = float(value) / count
+  for name, value in sums.items():
+    if not name.endswith(SQUARES_SUFFIX) or count < 2:
+      continue
+    base = name[:-len(SQUARES_SUFFIX)]
+    if base not in out:
+      raise ValueError(f"{name!r} has no matching sum {base!r}")
+    mean = out[base]
+    variance = max(float(value) / count - mean * mean, 0.0) * count / (count - 1)
+    out[base + SE_SUFFIX] = math.sqrt(variance / count)
+  return out
 
 
 # ----------------------------------------------------------------------------

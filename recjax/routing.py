@@ -58,7 +58,8 @@ def routing_curve(crm_scores: Array, llm_scores: Array, targets: Array,
   crm_scores, llm_scores: float32[B, N + 1] over the whole evaluated set; targets int32[B];
   exclude: optional bool[B, N + 1] (e.g. history items) as `metrics.target_ranks`;
   uncertainty: float[B], default the CRM's next-item entropy.
-  Returns one dict per fraction: {"llm_fraction", "routed", "hr@k", "ndcg@k", "mrr@k"}.
+  Returns one dict per fraction: {"llm_fraction", "routed", "hr@k", "ndcg@k", "mrr@k",
+  and each metric's standard error over users "hr@k_se", ...}.
   """
   if uncertainty is None:
     uncertainty = next_item_entropy(crm_scores)
@@ -67,7 +68,7 @@ def routing_curve(crm_scores: Array, llm_scores: Array, targets: Array,
     to_llm = route_to_llm(uncertainty, f)
     ranks = metrics_lib.target_ranks(routed_scores(crm_scores, llm_scores, to_llm),
                                      targets, exclude)
-    row = metrics_lib.finalize(jax.tree.map(np.asarray,
-                                            metrics_lib.ranking_metrics(ranks, ks)))
+    row = metrics_lib.finalize(jax.tree.map(
+        np.asarray, metrics_lib.ranking_metrics(ranks, ks, with_squares=True)))
     out.append({"llm_fraction": float(f), "routed": int(jnp.sum(to_llm)), **row})
   return out

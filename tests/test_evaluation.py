@@ -60,10 +60,14 @@ def reference_results(params, histories, targets, protocol, negatives=None):
                   "average": 1 + above + equal / 2}[protocol.ties])
   out = {}
   for k in protocol.ks:
-    out[f"hr@{k}"] = np.mean([r <= k for r in ranks])
-    out[f"ndcg@{k}"] = np.mean(
-        [1 / math.log2(r + 1) if r <= k else 0 for r in ranks])
-    out[f"mrr@{k}"] = np.mean([1 / r if r <= k else 0 for r in ranks])
+    per_user = {
+        "hr": [float(r <= k) for r in ranks],
+        "ndcg": [1 / math.log2(r + 1) if r <= k else 0 for r in ranks],
+        "mrr": [1 / r if r <= k else 0 for r in ranks]}
+    for name, values in per_user.items():
+      out[f"{name}@{k}"] = np.mean(values)
+      # Standard error of the mean: sample std (ddof=1) / sqrt(n).
+      out[f"{name}@{k}_se"] = np.std(values, ddof=1) / math.sqrt(len(values))
   out["num_examples"] = len(ranks)
   return out, ranks
 
@@ -288,6 +292,13 @@ def test_format_results():
   lines = text.splitlines()
   assert lines[0] == str(protocol)
   assert lines[1].split() == ["K", "HR", "NDCG", "MRR"]
+  cells = [[f"{results[f'{m}@5']:.4f}", "+-", f"{results[f'{m}@5_se']:.4f}"]
+           for m in ("hr", "ndcg", "mrr")]
+  assert lines[2].split() == ["5", *cells[0], *cells[1], *cells[2]]
+  assert lines[-1] == "users: 37 | +- = standard error of the mean over users"
+  # Without standard errors (e.g. results from an older results.json): means only.
+  plain = {k: v for k, v in results.items() if not k.endswith("_se")}
+  lines = evaluation.format_results(plain, protocol).splitlines()
   assert lines[2].split() == ["5", f"{results['hr@5']:.4f}",
                               f"{results['ndcg@5']:.4f}",
                               f"{results['mrr@5']:.4f}"]

@@ -175,6 +175,28 @@ def test_ranking_metrics_known_values():
   assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(3) + 0.5) / 4)
 
 
+def test_finalize_standard_errors_from_sums_of_squares():
+  rng = np.random.default_rng(5)
+  ranks = rng.integers(1, 30, size=41)
+  mask = rng.random(41) < 0.8
+  sums = jax.device_get(metrics.ranking_metrics(jnp.asarray(ranks), KS, jnp.asarray(mask),
+                                                with_squares=True))
+  out = metrics.finalize(sums)
+  per = jax.device_get(metrics.per_example_metrics(jnp.asarray(ranks), KS))
+  for name in metrics.metric_names(KS):
+    kept = np.asarray(per[name], np.float64)[mask]
+    np.testing.assert_allclose(out[name], kept.mean(), rtol=1e-6)
+    np.testing.assert_allclose(out[name + "_se"],
+                               kept.std(ddof=1) / np.sqrt(mask.sum()), rtol=1e-4,
+                               atol=1e-7, err_msg=name)
+  assert not any(k.endswith("_sq") for k in out)
+  # One example: a mean but no standard error.
+  one = metrics.finalize(metrics.ranking_metrics(jnp.array([2]), (5,), with_squares=True))
+  assert set(one) == {"hr@5", "ndcg@5", "mrr@5"}
+  with pytest.raises(ValueError, match="no matching sum"):
+    metrics.finalize({"count": 3.0, "hr@5_sq": 1.0})
+
+
 def test_finalize_rejects_empty():
   with pytest.raises(ValueError, match="no examples"):
     metrics.finalize(ranking_metrics(jnp.ones(3), mask=jnp.zeros(3, bool)))

@@ -37,6 +37,37 @@ def test_every_target_exactly_once_with_its_history(stride):
     assert len(history) >= min(t, 4 - min(stride, 4) + 1)
 
 
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_user_weights_give_each_target_its_users_weight(power):
+  # User 0 has 6 targets, user 1 one, user 2 none: weights 6**-p and 1, mean 1.
+  ds, _ = pipeline.train_dataset(
+      ITEMS, OFFSETS, max_len=4, stride=2, windows_per_user=0,
+      batch_size=3, num_epochs=1, seed=0, user_weight_power=power)
+  raw = np.array([6.0 ** -power, 1.0])
+  scale = 7 / (6 * raw[0] + raw[1])
+  got = []
+  for _, b in pipeline.iterate_from(ds, 0):
+    assert b["weights"].dtype == np.float32
+    np.testing.assert_array_equal(b["weights"][~b["mask"]], 0.0)
+    got += [(int(l), float(w)) for l, w in zip(b["labels"][b["mask"]],
+                                             b["weights"][b["mask"]])]
+  assert sorted(l for l, _ in got) == [2, 3, 4, 5, 6, 7, 9]
+  for label, weight in got:
+    want = scale * (raw[1] if label == 9 else raw[0])
+    np.testing.assert_allclose(weight, want, rtol=1e-6)
+  np.testing.assert_allclose(sum(w for _, w in got), 7.0, rtol=1e-6)
+  if power == 1.0:   # both users weigh the same in total
+    np.testing.assert_allclose(sum(w for l, w in got if l != 9),
+                               sum(w for l, w in got if l == 9), rtol=1e-6)
+  # Without the option there is no weights entry (and no cost).
+  plain, _ = pipeline.train_dataset(
+      ITEMS, OFFSETS, max_len=4, stride=2, windows_per_user=0,
+      batch_size=3, num_epochs=1, seed=0)
+  assert "weights" not in plain[0]
+  with pytest.raises(ValueError, match="user_weight_power"):
+    pipeline.user_target_weights(OFFSETS, -1.0)
+
+
 def test_windows_per_user_keeps_the_last_window():
   ends, starts = pipeline.window_ends(OFFSETS, stride=4, windows_per_user=1)
   np.testing.assert_array_equal(ends, [6, 8])

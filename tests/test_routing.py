@@ -15,8 +15,8 @@ import joint_testing as jt
 
 def _only(scores, targets, ks=(5, 10, 20)):
   ranks = metrics_lib.target_ranks(jnp.asarray(scores), jnp.asarray(targets))
-  return metrics_lib.finalize(jax.tree.map(np.asarray,
-                                           metrics_lib.ranking_metrics(ranks, ks)))
+  return metrics_lib.finalize(jax.tree.map(
+      np.asarray, metrics_lib.ranking_metrics(ranks, ks, with_squares=True)))
 
 
 def test_entropy_routes_the_least_confident_samples():

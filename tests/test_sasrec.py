@@ -116,8 +116,9 @@ def test_dropout_is_active_only_in_training(model_and_params):
   assert not np.allclose(a, det) and not np.allclose(a, b)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["mean", "weighted"])
 @pytest.mark.parametrize("loss_type", ["ce", "bce"])
-def test_losses_match_reference(loss_type):
+def test_losses_match_reference(loss_type, weighted):
   task = SequentialTask(CFG,
                         loss_type=loss_type, num_negatives=3)
   params = nn.unbox(task.init(jax.random.key(0)))
@@ -126,9 +127,14 @@ def test_losses_match_reference(loss_type):
   labels = rng.integers(1, 31, (4, 3)).astype(np.int32)
   mask = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 0]], bool)
   batch = {"inputs": inputs, "labels": labels, "mask": mask}
+  weights = mask.astype(np.float64)
+  if weighted:   # masked entries carry junk weights that must not count
+    weights = rng.uniform(0.2, 3.0, (4, 3))
+    batch["weights"] = weights.astype(np.float32)
+    weights = np.where(mask, weights, 0.0)
   key = jax.random.key(5)
   loss, aux = task.loss(params, batch, key)
-  assert aux["num_targets"] == mask.sum()
+  np.testing.assert_allclose(aux["num_targets"], weights.sum(), rtol=1e-6)
   # Reference with the same dropout / negatives (the loss computes only the last 3
   # positions' outputs, which test_num_outputs_equals_the_last_positions pins down).
   dropout_rng, negative_rng = jax.random.split(key)
@@ -148,8 +154,36 @@ def test_losses_match_reference(loss_type):
     neg = np.take_along_axis(logits, negs, -1)
     sig = lambda x: 1 / (1 + np.exp(-x))
     per = -np.log(sig(pos)) - np.log(1 - sig(neg)).sum(-1)
-  ref = (per * mask).sum() / mask.sum()
+  ref = (per * weights).sum() / weights.sum()
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_label_smoothing_matches_the_smoothed_target_distribution():
+  """(1 - eps) on the label + eps / N on items 1..N; padding gets nothing."""
+  from recjax import losses
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(3, 4, 9)).astype(np.float32)
+  labels = rng.integers(1, 9, (3, 4)).astype(np.int32)
+  mask = rng.random((3, 4)) < 0.7
+  eps = 0.2
+  total, count = losses.softmax_cross_entropy(logits, labels, mask, eps)
+  x = logits.astype(np.float64)
+  x[..., 0] = -np.inf
+  logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+  target = np.full(x.shape, eps / 8)
+  target[..., 0] = 0.0
+  np.put_along_axis(target, labels[..., None], 1 - eps + eps / 8, -1)
+  per = -(target[..., 1:] * logp[..., 1:]).sum(-1)
+  np.testing.assert_allclose(total, (per * mask).sum(), rtol=1e-5)
+  assert count == mask.sum()
+  plain, _ = losses.softmax_cross_entropy(logits, labels, mask)
+  per0 = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+  np.testing.assert_allclose(plain, (per0 * mask).sum(), rtol=1e-5)
+  assert abs(float(total) - float(plain)) > 1e-3   # eps changes the loss
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.softmax_cross_entropy(logits, labels, mask, 1.0)
+  with pytest.raises(ValueError, match="label_smoothing"):
+    SequentialTask(CFG, loss_type="bce", label_smoothing=0.1)
 
 
 def test_history_bias_adds_a_learned_offset_to_seen_items_causally():

@@ -43,9 +43,32 @@ def test_train_and_evaluate_learns_and_writes_results(trained):
   assert test["num_examples"] == 40
   # Random ranking over 120 items gives HR@10 = 0.08; the walk is learnable.
   assert test["hr@10"] > 0.5, test
+  # Each mean carries its standard error over the 40 users (HR is 0/1 per user).
+  h = test["hr@10"]
+  np.testing.assert_allclose(test["hr@10_se"], np.sqrt(h * (1 - h) / 39), rtol=1e-6)
   assert 0 < on_disk["best_step"] <= on_disk["steps"]
   assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+
+
+def test_benchmark_summary_reads_results(trained):
+  """experiments/bench_sasrec_ml100k.py: per-seed rows and the seed summary."""
+  *_, results = trained
+  spec = importlib.util.spec_from_file_location(
+      "bench_sasrec_ml100k", os.path.join(ROOT, "experiments", "bench_sasrec_ml100k.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows = [bench._row(0, results), bench._row(1, results)]
+  rows[1]["test_ndcg@10"] += 0.01
+  summary = bench._summary(rows)
+  test = results["metrics"]["test/full"]
+  assert rows[0]["test_ndcg@10_se_users"] == test["ndcg@10_se"]
+  ndcg = summary["test_ndcg@10"]
+  np.testing.assert_allclose(ndcg["mean"], test["ndcg@10"] + 0.005)
+  np.testing.assert_allclose(ndcg["std"], 0.005)                 # population
+  np.testing.assert_allclose(ndcg["sem"], 0.005, rtol=1e-6)      # sample std / sqrt(2)
+  text = bench._markdown(rows, summary, "cfg.py", [])
+  assert f"of one run over its test users {test['ndcg@10_se']:.4f}" in text
 
 
 def test_eval_mode_restores_the_best_checkpoint(trained):

@@ -59,18 +59,44 @@ def window_ends(offsets: np.ndarray, stride: int, windows_per_user: int = 0
   return np.concatenate(ends), np.concatenate(starts)
 
 
+def user_target_weights(offsets: np.ndarray, power: float) -> np.ndarray:
+  """float32[N]: the loss weight of each flat training item as a target.
+
+  A user with n training targets (n + 1 training items) gets weight n**-power
+  on each of them, scaled so that the mean weight over all targets is 1:
+  power 0 is the plain per-target mean (heavy users dominate the loss), power
+  1 gives every user the same total weight, as the evaluation (one target per
+  user) does. A user's first item is never a target; its weight is 0.
+  """
+  if power < 0:
+    raise ValueError(f"input.user_weight_power must be >= 0, got {power}")
+  lengths = np.diff(np.asarray(offsets, np.int64))
+  targets = np.maximum(lengths - 1, 0)
+  per_user = np.where(targets > 0, np.maximum(targets, 1.0) ** -float(power), 0.0)
+  total = float((per_user * targets).sum())
+  if total <= 0:
+    raise ValueError("no training targets to weight")
+  per_user *= targets.sum() / total
+  weights = np.repeat(per_user, lengths)
+  weights[np.asarray(offsets[:-1])[lengths > 0]] = 0.0     # first items: no target
+  return weights.astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowBatcher:
-  """Collates windows into `{"inputs", "labels", "mask"}` numpy batches.
+  """Collates windows into `{"inputs", "labels", "mask"[, "weights"]}` batches.
 
   inputs int32[B, L] (left-padded), labels int32[B, S], mask bool[B, S] where
-  S = min(stride, L): the labels of the window's last S positions.
+  S = min(stride, L): the labels of the window's last S positions; with
+  `target_weights` also weights float32[B, S], each label's loss weight (0
+  where the mask is False).
   """
   items: np.ndarray     # int32[N] flat training items
   ends: np.ndarray      # int64[E]
   starts: np.ndarray    # int64[E]
   max_len: int
   stride: int
+  target_weights: np.ndarray | None = None   # float32[N], see user_target_weights
 
   @property
   def num_label_positions(self) -> int:
@@ -86,11 +112,16 @@ class WindowBatcher:
     valid = (pos >= starts[:, None]) & real[:, None]
     inputs = np.where(valid, self.items[np.maximum(pos, 0)], 0)
     labels = np.where(valid, self.items[np.maximum(pos + 1, 0)], 0)
-    return {
+    batch = {
         "inputs": inputs.astype(np.int32),
         "labels": labels[:, -s:].astype(np.int32),
         "mask": valid[:, -s:],
     }
+    if self.target_weights is not None:
+      label_pos = np.maximum(pos[:, -s:] + 1, 0)
+      batch["weights"] = np.where(valid[:, -s:], self.target_weights[label_pos],
+                                  0.0).astype(np.float32)
+    return batch
 
 
 class EpochShuffledBatches(grain.sources.RandomAccessDataSource):
@@ -128,18 +159,22 @@ class EpochShuffledBatches(grain.sources.RandomAccessDataSource):
 def train_dataset(items: np.ndarray, offsets: np.ndarray, *, max_len: int,
                   stride: int, windows_per_user: int, batch_size: int,
                   num_epochs: float, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> tuple[grain.MapDataset, dict]:
+                  process_count: int = 1, user_weight_power: float = 0.0
+                  ) -> tuple[grain.MapDataset, dict]:
   """The training batches of this process, random access by global step.
 
   Each process collates only its rows `[p * B/P, (p + 1) * B/P)` of the global
-  batch of size B. Returns the dataset and a dict of statistics.
+  batch of size B. `user_weight_power > 0` adds per-target loss weights
+  (`user_target_weights`). Returns the dataset and a dict of statistics.
   """
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} not divisible by "
                      f"{process_count} processes")
   ends, starts = window_ends(offsets, stride, windows_per_user)
+  weights = (user_target_weights(offsets, user_weight_power)
+             if user_weight_power else None)
   batcher = WindowBatcher(items.astype(np.int32), ends, starts, max_len,
-                          stride)
+                          stride, weights)
   source = EpochShuffledBatches(len(ends), batch_size, num_epochs, seed)
   local = batch_size // process_count
   lo = process_index * local

@@ -72,7 +72,8 @@ def build_task(config, num_items: int) -> SequentialTask:
     model["dtype"] = jnp.dtype(model["dtype"])
   model_cfg = SASRecConfig(num_items=num_items, **model)
   return SequentialTask(model_cfg, loss_type=config.loss.type,
-                        num_negatives=config.loss.get("num_negatives", 1))
+                        num_negatives=config.loss.get("num_negatives", 1),
+                        label_smoothing=config.loss.get("label_smoothing", 0.0))
 
 
 def build_evaluators(config, task, data, mesh) -> dict[str, Any]:
@@ -145,7 +146,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       windows_per_user=config.input.windows_per_user,
       batch_size=config.input.batch_size,
       num_epochs=config.train.num_epochs, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      user_weight_power=config.input.get("user_weight_power", 0.0))
   num_steps = len(ds)
   steps_per_epoch = ds_stats["steps_per_epoch"]
   eval_every = config.train.eval_every_steps or max(1, round(steps_per_epoch))

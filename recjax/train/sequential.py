@@ -18,16 +18,20 @@ class SequentialTask:
   loss_type: "ce" (full softmax over the catalogue, default) or "bce" (the
     paper's binary cross-entropy with `num_negatives` uniformly sampled
     negatives per position; a sampled negative may rarely equal the target).
+  label_smoothing: "ce" only; see `recjax.losses.softmax_cross_entropy`.
   """
   model_cfg: SASRecConfig
   loss_type: str = "ce"
   num_negatives: int = 1
+  label_smoothing: float = 0.0
 
   def __post_init__(self):
     if self.loss_type not in ("ce", "bce"):
       raise ValueError(f"loss.type: unknown {self.loss_type!r} (ce, bce)")
     if self.model_cfg.history_bias and self.loss_type != "ce":
       raise ValueError("model.history_bias needs loss.type='ce' (full-catalogue logits)")
+    if self.label_smoothing and self.loss_type != "ce":
+      raise ValueError("loss.label_smoothing needs loss.type='ce'")
 
   @property
   def model(self) -> SASRec:
@@ -39,7 +43,10 @@ class SequentialTask:
     return self.model.init(rng, dummy)["params"]
 
   def loss(self, params, batch: dict, rng: jax.Array):
-    """batch: inputs int32[B, L], labels int32[B, S], mask bool[B, S]."""
+    """batch: inputs int32[B, L], labels int32[B, S], mask bool[B, S] and
+    optionally weights float32[B, S] (a weighted mean; aux "num_targets" is
+    then the sum of the weights, the mean's denominator, which is what
+    gradient accumulation weights micro-batches by)."""
     dropout_rng, negative_rng = jax.random.split(rng)
     model = self.model
     s = batch["labels"].shape[1]
@@ -48,8 +55,9 @@ class SequentialTask:
     if self.loss_type == "ce":
       logits = model.apply({"params": params}, hidden, method=SASRec.score,
                            history_ids=batch["inputs"])
-      total, count = losses.softmax_cross_entropy(logits, batch["labels"],
-                                                  batch["mask"])
+      total, count = losses.softmax_cross_entropy(
+          logits, batch["labels"], batch["mask"], self.label_smoothing,
+          batch.get("weights"))
     else:
       table = params["item_embedding"]["embedding"]
       negatives = jax.random.randint(
@@ -57,8 +65,8 @@ class SequentialTask:
           self.model_cfg.num_items + 1)
       pos = jnp.einsum("bsd,bsd->bs", hidden, table[batch["labels"]])
       neg = jnp.einsum("bsd,bskd->bsk", hidden, table[negatives])
-      total, count = losses.sampled_binary_cross_entropy(pos, neg,
-                                                         batch["mask"])
+      total, count = losses.sampled_binary_cross_entropy(
+          pos, neg, batch["mask"], batch.get("weights"))
     loss = total / jnp.maximum(count, 1.0)
     return loss, {f"loss_{self.loss_type}": loss, "num_targets": count}
 

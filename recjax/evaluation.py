@@ -207,9 +207,9 @@ class RankingEvaluator:
 
     Returns:
       {"hr@k" | ... | "hr@k_sq" | ... | "count" | "num_nan_rows": float32[B]},
-      per-example values (and their squares) that are 0 on padding rows. They are summed on the host in float64, so
-      results do not depend on batch size or sharding (no float32 reduction
-      whose order could change).
+      per-example values (and their squares) that are 0 on padding rows. They
+      are summed on the host in float64, so results do not depend on batch
+      size or sharding (no float32 reduction whose order could change).
     """
     self.num_traces += 1
     p = self.protocol

@@ -19,18 +19,16 @@ experiments/plan_joint_t5.py). Expected result: flan-t5-xl + SASRec fits one 80 
 with these settings (bf16 T5 params and activations, Adafactor, full remat).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from recjax.configs import load_config_file
+
 
 def _joint_ml100k() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "joint_ml100k.py")
-  spec = importlib.util.spec_from_file_location("joint_ml100k", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "joint_ml100k.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -14,30 +14,27 @@ Over seeds:
   python experiments/bench_sasrec_ml100k.py \
       --config=experiments/sasrec_ml100k_per_target.py --seeds=0,1,2 --out=/tmp/recjax/pt
 
-Hardware: 2 CPU cores (AMD EPYC Zen 3 VM). Time: ~13 min per seed alone (~40 s per epoch).
+Hardware: 2 CPU cores (AMD EPYC Zen 3 VM). Time: 739-794 s of training per seed alone
+(~37-40 s per epoch).
 Expected result (test, best-validation checkpoint; measured in session 10, README "Results"):
 seeds 0-6 NDCG@10 0.0673 +- 0.0022 / HR@10 0.1397 +- 0.0046 (population std over seeds;
-standard error of the 7-seed mean 0.0009), best validation 0.0744 on average. RecBole 1.2.1's SASRec on this data and split: 0.0636 / 0.1326
-(its seed 2020), 0.0609 / 0.1288 over its seeds 2020-2023.
+standard error of the 7-seed mean 0.0009), best validation 0.0744 on average. RecBole
+1.2.1's SASRec on this data and split: 0.0636 / 0.1326 (its seed 2020), 0.0609 / 0.1288
+over its seeds 2020-2023.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _sasrec_ml100k() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sasrec_ml100k.py")
-  spec = importlib.util.spec_from_file_location("sasrec_ml100k", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from recjax.configs import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _sasrec_ml100k()           # data, model, protocol, optimiser as the default run
+  # Data, model, protocol and optimiser as the default run.
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "sasrec_ml100k.py"))
   c.input.stride = 1             # one example per target, its own last-50 history
   c.input.batch_size = 256       # examples (targets) per step
-  c.train.num_epochs = 20        # 7,592 steps; validation still rises at epoch 20
+  c.train.num_epochs = 20        # 7,592 steps; best validation at epochs 13-20
   return c

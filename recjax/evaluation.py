@@ -206,10 +206,11 @@ class RankingEvaluator:
       valid: bool[B], False on padding rows.
 
     Returns:
-      {"hr@k" | ... | "hr@k_sq" | ... | "count" | "num_nan_rows": float32[B]},
-      per-example values (and their squares) that are 0 on padding rows. They
-      are summed on the host in float64, so results do not depend on batch
-      size or sharding (no float32 reduction whose order could change).
+      {"hr@k" | ... | "count" | "num_nan_rows": float32[B]}, per-example values
+      that are 0 on padding rows. They (and the metrics' squares, for the
+      standard errors) are summed on the host in float64, so results do not
+      depend on batch size or sharding (no float32 reduction whose order could
+      change).
     """
     self.num_traces += 1
     p = self.protocol
@@ -232,8 +233,6 @@ class RankingEvaluator:
         name: jnp.where(valid, v, 0.0)
         for name, v in metrics_lib.per_example_metrics(ranks, p.ks).items()
     }
-    values.update({name + metrics_lib.SQUARES_SUFFIX: v * v
-                   for name, v in values.items()})
     values[metrics_lib.COUNT_KEY] = valid.astype(jnp.float32)
     values["num_nan_rows"] = (nan & valid).astype(jnp.float32)
     return values
@@ -322,6 +321,9 @@ class RankingEvaluator:
     for values in jax.device_get(outputs):
       for name, value in values.items():
         total[name] = total.get(name, 0.0) + np.sum(value, dtype=np.float64)
+        if "@" in name:        # a metric: its sum of squares gives the standard error
+          sq = name + metrics_lib.SQUARES_SUFFIX
+          total[sq] = total.get(sq, 0.0) + np.sum(np.square(value, dtype=np.float64))
 
     num_nan = int(total.pop("num_nan_rows"))
     if num_nan and self.nan_policy == "raise":

@@ -2,7 +2,6 @@
 save/load, and the loader's cache. No network."""
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ from recjax.data.preprocess import preprocess
 from recjax.data.types import DataError
 from recjax.data.types import RawDataset
 from recjax.data.types import SequenceData
+from script_testing import load_script
 
 
 @pytest.fixture(autouse=True)
@@ -459,11 +459,7 @@ def test_loader_missing_files_and_unknown_name(tmp_path):
 
 def test_compare_split_recbole_counts_differences():
   """experiments/compare_split_recbole.py: the per-user split comparison."""
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                      "experiments", "compare_split_recbole.py")
-  spec = importlib.util.spec_from_file_location("compare_split_recbole", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("compare_split_recbole")
   rows = [("u", "a", 1, 1), ("u", "b", 1, 2), ("u", "c", 1, 3),
           ("u", "d", 1, 4), ("v", "x", 1, 1), ("v", "y", 1, 2),
           ("v", "z", 1, 3)]

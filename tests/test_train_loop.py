@@ -16,6 +16,7 @@ import pytest
 
 from loop_testing import BASE_CONFIG, ROOT, latest_params, load_config_file
 from loop_testing import tiny_config
+from script_testing import load_script
 from recjax.data.preprocess import PreprocessConfig
 from recjax.train import loop
 
@@ -54,10 +55,7 @@ def test_train_and_evaluate_learns_and_writes_results(trained):
 def test_benchmark_summary_reads_results(trained):
   """experiments/bench_sasrec_ml100k.py: per-seed rows and the seed summary."""
   *_, results = trained
-  spec = importlib.util.spec_from_file_location(
-      "bench_sasrec_ml100k", os.path.join(ROOT, "experiments", "bench_sasrec_ml100k.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script("bench_sasrec_ml100k")
   rows = [bench._row(0, results), bench._row(1, results)]
   rows[1]["test_ndcg@10"] += 0.01
   summary = bench._summary(rows)

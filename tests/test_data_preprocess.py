@@ -3,7 +3,6 @@ save/load, and the loader's cache. No network."""
 
 import dataclasses
 import logging
-import os
 import socket
 
 import ml_collections

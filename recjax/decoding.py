@@ -45,13 +45,22 @@ BIG_NEG = -1.0e9
 def _allowed_tokens(vocab_size: int, step: jax.Array, nodes: jax.Array | None,
                     trie: Trie | None, eos_id: int,
                     min_len: int | jax.Array) -> jax.Array | None:
-  """bool[N, V] mask of allowed next tokens, or None when all are allowed."""
+  """bool[N, V] mask of allowed next tokens, or None when all are allowed.
+
+  With a trie, a hypothesis whose only way on is eos (a title shorter than
+  `min_len`) may still end: the trie outranks the minimum length, so the
+  output is always an allowed sequence.
+  """
   mask = None
   if trie is not None:
     mask = trie_lib.allowed_mask(trie, nodes, vocab_size)
   if not isinstance(min_len, int) or min_len > 0:  # traced, or a real minimum
     no_eos = (jnp.arange(vocab_size) != eos_id) | (step >= min_len)
-    mask = no_eos[None, :] if mask is None else mask & no_eos[None, :]
+    if mask is None:
+      mask = no_eos[None, :]
+    else:
+      banned = mask & no_eos[None, :]
+      mask = jnp.where(jnp.any(banned, axis=-1, keepdims=True), banned, mask)
   return mask
 
 

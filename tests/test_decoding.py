@@ -329,6 +329,34 @@ def test_beam_search_tiny_trie_fewer_titles_than_beams():
                                rtol=1e-5)
 
 
+def test_trie_outranks_min_len():
+  """A title shorter than min_len still ends with eos (rather than leaving
+  the trie): every algorithm returns only titles, and where a longer title
+  exists the minimum length still steers towards it."""
+  vocab, length = 9, 6
+  titles = [(3, EOS), (4, EOS), (4, 5, 6, EOS)]
+  trie = trie_lib.build_trie(titles)
+  table = _toy(vocab, 0)
+  table[START, START, 3] += 20.0  # greedy's first step picks the short title
+  runs = {"greedy": _decode("greedy", table, 1, trie=trie, min_len=4,
+                            max_decode_len=length)[0][:1],
+          "beam": _decode("beam", table, 1, trie=trie, min_len=4, num_beams=2,
+                          max_decode_len=length)[0][0],
+          "sample": _decode("sample", table, 8, trie=trie, min_len=4,
+                            rng=jax.random.key(0), max_decode_len=length)[0]}
+  for algo, rows in runs.items():
+    for row in rows:
+      assert _strip(row) in titles, (algo, row)
+  assert _strip(runs["greedy"][0]) == (3, EOS)
+  # After 4, the 2-token title (4, EOS) is banned by min_len while (4, 5, ...)
+  # goes on: the minimum length still applies where the trie offers a choice.
+  table[START, START, 3] -= 40.0
+  table[START, 4, EOS] += 20.0
+  tokens, _ = _decode("greedy", table, 1, trie=trie, min_len=4,
+                      max_decode_len=length)
+  assert _strip(tokens[0]) == (4, 5, 6, EOS)
+
+
 def test_sampling():
   vocab, length = 7, 6  # As test_greedy_matches_python: no new compilation.
   table = _toy(vocab, 0, eos_bias=1.0)
@@ -365,39 +393,63 @@ def test_sampling():
 # ----------------------------------------------------------------------------
 
 T5_VOCAB = 64
-T5_LEN = 12  # generated tokens in the HF comparisons.
+T5_LEN = 20  # generated tokens in the HF comparisons (the issue's 20 greedy steps).
+
+# The two architectures the T5 front end is checked on, both tiny and random:
+# FLAN-T5 style (gated-GELU, untied lm_head; default 32 buckets, so decoder
+# distances 16-19 of the 20 steps use the log-spaced buckets) and the original
+# T5 (ReLU, tied and d_model**-0.5-scaled head, d_kv * heads != d_model, fewer
+# decoder than encoder layers (HF's generate fails with more), 8 buckets up to distance 12).
+T5_ARCHS = {
+    "gated": dict(d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                  num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                  tie_word_embeddings=False),
+    "relu": dict(d_kv=6, num_heads=4, d_ff=40, num_layers=3,
+                 num_decoder_layers=2, feed_forward_proj="relu",
+                 tie_word_embeddings=True, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=12),
+}
 
 
-@pytest.fixture(scope="module")
-def t5(tmp_path_factory):
-  """A tiny random FLAN-T5-like model (gated-GELU, untied lm_head) in both
-  frameworks, the same weights, and a batch of padded inputs."""
+@pytest.fixture(scope="module", params=list(T5_ARCHS))
+def t5(request, tmp_path_factory):
+  """A tiny random T5 (`T5_ARCHS[request.param]`) in both frameworks, the
+  same weights, and a batch of padded inputs."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from recjax.convert import load_t5_from_hf  # pylint: disable=g-import-not-at-top
 
+  arch = request.param
   torch.manual_seed(0)
   cfg = transformers.T5Config(
-      vocab_size=T5_VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48,
-      num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
-      tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
-      pad_token_id=0, eos_token_id=1)
+      vocab_size=T5_VOCAB, d_model=32, dropout_rate=0.0,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+      **T5_ARCHS[arch])
   hf = transformers.T5ForConditionalGeneration(cfg)
-  # Untie the output projection like FLAN-T5, with logits of a few nats so
-  # that beams differ and eos ends some rows early (seed-dependent).
-  hf.lm_head.weight = torch.nn.Parameter(0.35 * torch.randn(T5_VOCAB, 32))
+  if arch == "gated":
+    # Untie the head like FLAN-T5, with logits of a few nats so that beams
+    # differ and eos ends some rows early (seed-dependent).
+    hf.lm_head.weight = torch.nn.Parameter(0.35 * torch.randn(T5_VOCAB, 32))
+  else:
+    # A random tied T5 repeats its input token (the residual stream carries
+    # the token's embedding, whose dot product with itself dominates the tied
+    # head's logits); louder attention outputs give it varied sequences.
+    with torch.no_grad():
+      for name, weight in hf.decoder.named_parameters():
+        if name.endswith(".o.weight"):
+          weight.mul_(20.0)
   hf.eval()
-  path = str(tmp_path_factory.mktemp("tiny_t5"))
+  path = str(tmp_path_factory.mktemp(f"tiny_t5_{arch}"))
   hf.save_pretrained(path)
   module, params = load_t5_from_hf(path)
-  assert not module.config.tie_word_embeddings
+  assert module.config.tie_word_embeddings == (arch == "relu")
   rng = np.random.default_rng(0)
   ids = rng.integers(2, T5_VOCAB, size=(4, 9)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, 6:] = 0
   mask[3, 3:] = 0
   ids[mask == 0] = PAD
-  return dict(hf=hf, torch=torch, module=module,
+  return dict(hf=hf, torch=torch, module=module, arch=arch,
               params=jax.tree.map(jnp.asarray, params), ids=ids, mask=mask)
 
 
@@ -442,8 +494,9 @@ def test_t5_greedy_matches_hf(t5):
     assert got.shape == (4, T5_LEN) and got.dtype == np.int32
     for row_got, row_want in zip(got, want):
       assert _strip(row_got) == _strip(row_want)
-    if min_len == 0:
+    if min_len == 0 and t5["arch"] == "gated":  # the tied model ends no row
       assert any(EOS in r for r in got) and any(EOS not in r for r in got)
+  assert len(np.unique(got)) >= 8  # varied sequences, not one repeated token
   # Scores are the model log-probs of the generated tokens (no eos here).
   logp = _hf_logprobs(t5, got)
   want_scores = np.take_along_axis(logp, got[..., None], -1)[..., 0].sum(1)
@@ -533,7 +586,8 @@ def test_t5_first_step_logits_and_prefix_embeds(t5):
                              rtol=1e-4, atol=1e-4)
   # A soft prompt (e.g. item embeddings from the bridge) goes through the
   # encoder in every front-end function, and through the cached decoder.
-  prefix = jnp.asarray(np.random.default_rng(5).normal(size=(4, 2, 32)),
+  d_model = module.config.d_model
+  prefix = jnp.asarray(np.random.default_rng(5).normal(size=(4, 2, d_model)),
                        jnp.float32)
   got = decoding.first_step_logits(module, params, ids, mask, subset,
                                    prefix_embeds=prefix)

@@ -24,6 +24,9 @@ EXPECTED_COUNTS = {
     "t5-base": 222_903_552,
 }
 
+# Logical axis names of the parameters ("layers": the stacked axis of scanned blocks).
+AXIS_NAMES = {"vocab", "embed", "mlp", "heads", "kv", "layers"}
+
 TINY = T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
                 num_decoder_layers=2, relative_attention_num_buckets=8,
                 relative_attention_max_distance=12, dropout_rate=0.1)
@@ -48,6 +51,9 @@ def test_preset_shapes_counts_and_axis_names(name):
     assert isinstance(leaf, nn.LogicallyPartitioned)
     assert isinstance(leaf.value, jax.ShapeDtypeStruct)
     assert len(leaf.names) == leaf.value.ndim
+    # Named axes only, except the bucket axis of the relative position table.
+    allowed = [None] if leaf.value.ndim == 2 and leaf.names[1:] == ("heads",) else []
+    assert all(n in AXIS_NAMES or n in allowed for n in leaf.names), leaf.names
   assert t5.count_params(boxed) == EXPECTED_COUNTS[name]
   # Every parameter is exactly one HF tensor of the right size.
   layout = t5_hf.hf_layout(cfg)
@@ -60,7 +66,7 @@ def test_preset_shapes_counts_and_axis_names(name):
     assert np.prod(leaf.shape) == np.prod(shape)
 
 
-@pytest.mark.parametrize("name", ["flan-t5-small", "t5-small"])
+@pytest.mark.parametrize("name", sorted(t5.PRESETS))
 def test_counts_equal_transformers_on_meta_device(name):
   cfg = T5Config.preset(name)
   with torch.device("meta"):
@@ -243,11 +249,12 @@ def test_dropout_needs_rng_and_changes_outputs(tiny_params):
   assert not np.allclose(a, det) and not np.allclose(a, b)
 
 
-def test_scan_and_remat_match_unrolled():
+@pytest.mark.parametrize("remat_policy", ["dots", "full", "dots_no_batch"])
+def test_scan_and_remat_match_unrolled(remat_policy):
   cfg = TINY.replace(num_layers=2, num_decoder_layers=3, dropout_rate=0.0)
   src, dec = _tokens(2, 8, 6), _tokens(2, 5, 7)
   params = t5_testing.random_params(cfg, seed=3)
-  scanned_cfg = cfg.replace(scan_layers=True, remat_policy="dots")
+  scanned_cfg = cfg.replace(scan_layers=True, remat_policy=remat_policy)
   scanned = t5.scan_params(params, scanned_cfg)
   chex.assert_trees_all_equal_shapes(scanned, nn.unbox(_abstract_params(scanned_cfg)))
 

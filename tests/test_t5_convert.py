@@ -1,13 +1,18 @@
 """Parity of recjax T5 with transformers' PyTorch T5 through `recjax.convert`."""
 
+import fnmatch
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
@@ -85,15 +90,13 @@ def test_config_and_logits_parity(loaded, outputs, variant):
 def test_loss_and_gradient_parity(outputs, variant):
   (loss, _, grads, _), (ref_loss, _, ref_grads, _) = outputs[variant]
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  names = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
-           "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           "decoder.block.1.layer.1.EncDecAttention.k.weight",
-           "decoder.block.1.layer.1.EncDecAttention.o.weight",
-           "encoder.block.1.layer.1.DenseReluDense.wo.weight", "decoder.final_layer_norm.weight"]
-  names += ["lm_head.weight"] if variant == "gated" else []
-  for name in names:
-    ref = ref_grads[name]
+  # Every parameter HF trains. A tied head appears once there, as shared.weight; the
+  # export also writes it as lm_head.weight where config.json says untied (the
+  # "tied_unscaled" quirk), with the same values.
+  assert set(ref_grads) <= set(grads) and set(grads) - set(ref_grads) <= {"lm_head.weight"}
+  if "lm_head.weight" not in ref_grads and "lm_head.weight" in grads:
+    np.testing.assert_array_equal(grads["lm_head.weight"], grads["shared.weight"])
+  for name, ref in ref_grads.items():
     err = np.abs(grads[name] - ref).max() / np.abs(ref).max()
     assert err <= 1e-5, (name, err)
 
@@ -123,6 +126,21 @@ def test_round_trip_through_transformers(hf_models, loaded, variant, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+def test_save_bfloat16(hf_models, loaded, tmp_path):
+  """`save_t5_to_hf(..., dtype=bfloat16)` writes bf16 tensors that transformers loads."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  hf, (module, params) = hf_models["gated"], loaded["gated"]
+  save_t5_to_hf(module, params, str(tmp_path), dtype=ml_dtypes.bfloat16)
+  with safetensors.safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  reloaded = transformers.T5ForConditionalGeneration.from_pretrained(
+      str(tmp_path), dtype=torch.float32).eval()
+  data = t5_testing.batch(module.config.vocab_size, seed=2)
+  got, want = t5_testing.torch_logits(reloaded, data), t5_testing.torch_logits(hf.model, data)
+  assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+  assert np.abs(got - want).max() > 0  # rounded, not a float32 copy
+
+
 def _state(hf):
   return safetensors.numpy.load_file(os.path.join(hf.path, "model.safetensors"))
 
@@ -136,6 +154,16 @@ def _write(directory, hf, state):
   safetensors.numpy.save_file(state, os.path.join(directory, "model.safetensors"),
                               metadata={"format": "pt"})
   return str(directory)
+
+
+def _save_bf16(model, directory):
+  """A bfloat16 safetensors checkpoint of a (tied) HF model, as transformers saves one."""
+  directory.mkdir()
+  safetensors.torch.save_file({k: v.bfloat16().contiguous() for k, v in model.state_dict().items()
+                               if k != "lm_head.weight"}, directory / "model.safetensors",
+                              metadata={"format": "pt"})
+  model.config.to_json_file(directory / "config.json")
+  return directory
 
 
 def test_refuses_missing_unexpected_and_misshaped(hf_models, tmp_path):
@@ -193,18 +221,84 @@ def test_sharded_bin_and_bfloat16_checkpoints(hf_models, loaded, tmp_path):
   hf.model.config.to_json_file(legacy / "config.json")
   jax.tree.map(np.testing.assert_array_equal, load_t5_from_hf(str(legacy))[1], params)
   # bfloat16 safetensors, read without torch.
-  bf16 = tmp_path / "bf16"
-  bf16.mkdir()
-  safetensors.torch.save_file({k: v.bfloat16().contiguous() for k, v in hf.model.state_dict().items()
-                               if k != "lm_head.weight"}, bf16 / "model.safetensors",
-                              metadata={"format": "pt"})
-  hf.model.config.to_json_file(bf16 / "config.json")
+  bf16 = _save_bf16(hf.model, tmp_path / "bf16")
   _, params_bf16 = load_t5_from_hf(str(bf16))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2),
                params_bf16, params)
   module, half = load_t5_from_hf(str(bf16), param_dtype="bfloat16", dtype="bfloat16")
   assert module.config.dtype == jnp.bfloat16
   assert {x.dtype for x in jax.tree.leaves(half)} == {np.dtype(jnp.bfloat16)}
+
+
+def test_safetensors_load_without_torch(hf_models, loaded, tmp_path):
+  """Safetensors checkpoints (plain, sharded, bfloat16) load in a process where
+  `import torch` fails, also beside a pytorch_model.bin index: safetensors win."""
+  hf, (_, params) = hf_models["relu"], loaded["relu"]
+  hf.model.save_pretrained(str(tmp_path / "plain"))
+  hf.model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="50KB")
+  bf16 = _save_bf16(hf.model, tmp_path / "bf16")
+  both = tmp_path / "both"
+  shutil.copytree(tmp_path / "plain", both)
+  torch.save(hf.model.state_dict(), both / "pytorch_model-00001-of-00001.bin")
+  with open(both / "pytorch_model.bin.index.json", "w") as f:
+    json.dump({"weight_map": {"shared.weight": "pytorch_model-00001-of-00001.bin"}}, f)
+  np.savez(tmp_path / "want.npz", **{"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                                     for path, leaf in jax.tree_util.tree_leaves_with_path(params)})
+  code = (
+      "import sys\n"
+      "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+      "import jax, numpy as np\n"
+      "from recjax.convert import load_t5_from_hf\n"
+      f"root = {str(tmp_path)!r}\n"
+      "want = np.load(root + '/want.npz')\n"
+      "for name in ('plain', 'sharded', 'bf16', 'both'):\n"
+      "  _, params = load_t5_from_hf(root + '/' + name)\n"
+      "  got = {'/'.join(str(getattr(k, 'key', k)) for k in p): v\n"
+      "         for p, v in jax.tree_util.tree_leaves_with_path(params)}\n"
+      "  assert sorted(got) == sorted(want.files), name\n"
+      "  tol = 1e-2 if name == 'bf16' else 0\n"
+      "  for k in got: np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol)\n"
+      "assert sys.modules['torch'] is None\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_hub_ids_download_and_mistyped_paths(hf_models, loaded, tmp_path, monkeypatch):
+  """A hub id goes through huggingface_hub.snapshot_download (faked here with local
+  "repositories"): safetensors only, or .bin weights for a repository without them; a
+  path that is not a directory nor a hub id fails at once, without the network."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  hf, (_, params) = hf_models["relu"], loaded["relu"]
+  repos = {"org/new": tmp_path / "repo_new", "old-model": tmp_path / "repo_old"}
+  hf.model.save_pretrained(str(repos["org/new"]))
+  torch.save(hf.model.state_dict(), tmp_path / "pytorch_model.bin")
+  repos["old-model"].mkdir()
+  shutil.copy(tmp_path / "pytorch_model.bin", repos["old-model"])
+  hf.model.config.to_json_file(repos["old-model"] / "config.json")
+  calls = []
+
+  def fake_snapshot_download(repo_id, allow_patterns):
+    calls.append((repo_id, tuple(allow_patterns)))
+    out = tmp_path / "cache" / repo_id.replace("/", "--")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(repos[repo_id]):
+      if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+        shutil.copy(repos[repo_id] / name, out / name)
+    return str(out)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  for repo_id in repos:
+    calls.clear()
+    _, got = load_t5_from_hf(repo_id)
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+    assert [c[0] for c in calls] == [repo_id] * (1 if repo_id == "org/new" else 2)
+    assert "*.safetensors" in calls[0][1]
+  for bad in (str(tmp_path / "missing"), "./missing", "a/b/c", str(tmp_path / "pytorch_model.bin")):
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+      load_t5_from_hf(bad)
+    assert not calls
 
 
 def test_config_json_mapping():
@@ -221,6 +315,14 @@ def test_config_json_mapping():
               "layer_norm_epsilon": 1e-06, "feed_forward_proj": "relu",
               "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
   assert t5_hf.config_from_hf(t5_small) == T5Config.preset("t5-small")
+  # The other presets: the architecture keys that differ in their config.json.
+  sizes = ("d_model", "d_ff", "num_heads", "num_layers", "num_decoder_layers")
+  published = {"flan-t5-base": (768, 2048, 12, 12, 12), "flan-t5-large": (1024, 2816, 16, 24, 24),
+               "flan-t5-xl": (2048, 5120, 32, 24, 24), "flan-t5-xxl": (4096, 10240, 64, 24, 24)}
+  for name, values in published.items():
+    assert t5_hf.config_from_hf({**flan, **dict(zip(sizes, values))}) == T5Config.preset(name)
+  t5_base = {**t5_small, "d_model": 768, "d_ff": 3072, "num_heads": 12, "num_layers": 12}
+  assert t5_hf.config_from_hf(t5_base) == T5Config.preset("t5-base")
   for cfg in (T5Config.preset("flan-t5-small"), T5Config.preset("t5-small")):
     assert t5_hf.config_from_hf(t5_hf.config_to_hf(cfg)) == cfg
   with pytest.raises(ValueError, match="not a T5 config"):

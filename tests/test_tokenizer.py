@@ -115,3 +115,27 @@ def test_round_trip_and_titles(tok):
   assert padded.shape == (len(TITLES), max(map(len, seqs)))
   assert tok_lib.decode_batch(tok, padded) == TITLES
   np.testing.assert_array_equal(mask.sum(1), [len(s) for s in seqs])
+
+
+def test_constrained_generation_returns_titles(tok):
+  """The whole path of README's "only real items": tokenize the catalogue's titles, build
+  the trie, beam-search a (tiny, random) T5 under it, decode: every beam is a title."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from recjax import decoding  # pylint: disable=g-import-not-at-top
+  from recjax.models.t5 import T5, T5Config  # pylint: disable=g-import-not-at-top
+
+  trie = trie_lib.build_trie(tok_lib.tokenize_titles(tok, TITLES))
+  cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                 num_decoder_layers=2, dropout_rate=0.0)
+  module = T5(cfg)
+  ids, mask = tok_lib.encode_batch(tok, ["user liked star wars and heat", "next movie"],
+                                   max_len=16)
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  params = jax.jit(module.init)(jax.random.key(0), ids, ids[:, :1])["params"]
+  tokens, scores = decoding.generate(module, params, ids, mask, max_decode_len=trie.max_len,
+                                     method="beam", num_beams=4, trie=trie,
+                                     return_all_beams=True)
+  assert tokens.shape == (2, 4, trie.max_len) and bool(jnp.all(scores > -1e8))
+  texts = tok_lib.decode_batch(tok, np.asarray(tokens).reshape(8, -1))
+  assert set(texts) <= set(TITLES) and len(set(texts[:4])) == 4

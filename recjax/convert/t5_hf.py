@@ -260,29 +260,47 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def read_hf_state(directory: str) -> dict[str, np.ndarray]:
-  """Tensors of a local HF model directory (safetensors, sharded or not, or .bin)."""
-  for index_name, reader in (("model.safetensors.index.json", _read_safetensors),
-                             ("pytorch_model.bin.index.json", _read_torch)):
-    index = os.path.join(directory, index_name)
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-      state = {}
-      for name in files:
-        state.update(reader(os.path.join(directory, name)))
-      return state
-  for name, reader in (("model.safetensors", _read_safetensors),
+  """Tensors of a local HF model directory: safetensors (sharded or not) when present,
+  without PyTorch; otherwise pytorch_model.bin (sharded or not), read with torch."""
+  for name, reader in (("model.safetensors.index.json", _read_safetensors),
+                       ("model.safetensors", _read_safetensors),
+                       ("pytorch_model.bin.index.json", _read_torch),
                        ("pytorch_model.bin", _read_torch)):
-    if os.path.exists(os.path.join(directory, name)):
-      return reader(os.path.join(directory, name))
-  raise FileNotFoundError(f"no model.safetensors(.index.json) or pytorch_model.bin in {directory}")
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      continue
+    if not name.endswith(".index.json"):
+      return reader(path)
+    with open(path) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in files:
+      state.update(reader(os.path.join(directory, shard)))
+    return state
+  raise FileNotFoundError(f"no model.safetensors(.index.json) or pytorch_model.bin(.index.json) "
+                          f"in {directory}")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+  """'t5-small' or 'google/flan-t5-small'; not an absolute, relative or home path."""
+  return (bool(path) and not path.startswith(("/", ".", "~")) and path.count("/") <= 1
+          and "\\" not in path and not os.path.exists(path))
 
 
 def _resolve(path: str) -> str:
+  """A local model directory as is; a hub id downloaded with huggingface_hub (network)."""
   if os.path.isdir(path):
     return path
+  if not _looks_like_hub_id(path):
+    raise FileNotFoundError(f"{path}: no such model directory (a hub id looks like "
+                            "'google/flan-t5-small')")
   from huggingface_hub import snapshot_download  # Hub ids only, needs the network.
-  return snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "*.json"])
+  directory = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+  if not any(os.path.exists(os.path.join(directory, name))
+             for name in ("model.safetensors", "model.safetensors.index.json")):
+    # An older repository with PyTorch weights only (read with torch).
+    directory = snapshot_download(path, allow_patterns=["*.json", "pytorch_model*.bin"])
+  return directory
 
 
 def load_t5_from_hf(path: str, **config_overrides) -> tuple[T5, dict[str, Any]]:
@@ -290,8 +308,10 @@ def load_t5_from_hf(path: str, **config_overrides) -> tuple[T5, dict[str, Any]]:
 
   Args:
     path: a local directory (config.json + model.safetensors, sharded safetensors with
-      model.safetensors.index.json, or pytorch_model.bin) or a hub id (downloaded with
-      huggingface_hub when the network allows).
+      model.safetensors.index.json, or pytorch_model.bin, sharded or not; safetensors are
+      preferred and need no PyTorch) or a hub id such as "google/flan-t5-base" (downloaded
+      with huggingface_hub when the network allows: json and safetensors files, or the
+      pytorch_model*.bin files of a repository without safetensors).
     **config_overrides: T5Config fields to change: `param_dtype` (dtype of the returned
       parameters, default float32), `dtype` (activations), `dropout_rate`, `scan_layers`,
       `remat_policy`... Architecture fields come from config.json.
@@ -300,6 +320,7 @@ def load_t5_from_hf(path: str, **config_overrides) -> tuple[T5, dict[str, Any]]:
     `module.config.param_dtype`; use `module.apply({"params": params}, ...)`.
   Raises:
     ValueError listing missing, unexpected and mis-shaped tensors.
+    FileNotFoundError for a path that is neither a model directory nor a hub id.
   """
   directory = _resolve(path)
   with open(os.path.join(directory, "config.json")) as f:

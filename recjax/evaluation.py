@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import metrics as metrics_lib
+from recjax.data.types import ItemSets
 
 ScoreFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -195,7 +196,7 @@ class RankingEvaluator:
                                                 jax.sharding.PartitionSpec()))
     self._batch_fn = jax.jit(self._eval_batch, out_shardings=out_shardings)
 
-  def _eval_batch(self, params, histories, targets, negatives, valid):
+  def _eval_batch(self, params, histories, targets, negatives, valid, seen):
     """Masked per-example metric values of one padded batch.
 
     Args:
@@ -204,6 +205,8 @@ class RankingEvaluator:
       targets: int32[B].
       negatives: int32[B, M] for the sampled protocol, else None.
       valid: bool[B], False on padding rows.
+      seen: int32[B, E] items excluded from full ranking (0 = padding), or None to
+        exclude `histories` (when the protocol excludes the history at all).
 
     Returns:
       {"hr@k" | ... | "count" | "num_nan_rows": float32[B]}, per-example values
@@ -221,7 +224,7 @@ class RankingEvaluator:
           f"num_items + 1 = {p.num_items + 1}")
     scores = scores.astype(jnp.float32)
     if p.candidates == "full":
-      exclude = (history_mask(histories, scores.shape[-1])
+      exclude = (history_mask(histories if seen is None else seen, scores.shape[-1])
                  if p.exclude_history else None)
       ranks = metrics_lib.target_ranks(scores, targets, exclude, ties=p.ties)
       nan = metrics_lib.nan_rows(scores, targets, exclude)
@@ -243,10 +246,12 @@ class RankingEvaluator:
       targets: np.ndarray,
       seed: int = 0,
       popularity: np.ndarray | None = None,
+      seen: ItemSets | None = None,
   ) -> np.ndarray:
     """int32[U, num_negatives] for the sampled protocol, from `seed` alone.
 
-    Drawn for all users at once, so they do not depend on batch_size.
+    Drawn for all users at once, so they do not depend on batch_size. With
+    `exclude_history`, they avoid `seen` (or, without it, `histories`).
     """
     p = self.protocol
     if p.sampling == "popularity" and popularity is None:
@@ -255,7 +260,8 @@ class RankingEvaluator:
         np.random.default_rng(seed), p.num_items, targets,
         num_negatives=p.num_negatives, strategy=p.sampling,
         popularity=popularity,
-        exclude=np.asarray(histories) if p.exclude_history else None)
+        exclude=((np.asarray(histories) if seen is None else seen)
+                 if p.exclude_history else None))
 
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.batch_sharding is None:
@@ -271,15 +277,20 @@ class RankingEvaluator:
       targets: np.ndarray,
       seed: int = 0,
       popularity: np.ndarray | None = None,
+      seen: ItemSets | None = None,
   ) -> dict[str, float]:
     """Evaluates every user once.
 
     Args:
       params: score_fn parameters (may be sharded on a mesh).
-      histories: int32[U, L] item ids, 0 = padding.
+      histories: int32[U, L] item ids, 0 = padding (the model's input).
       targets: int32[U] held-out item ids in [1, num_items].
       seed: seed of the sampled negatives (unused for full ranking).
       popularity: int64[N + 1] item counts for sampling="popularity".
+      seen: every item each user interacted with before the target
+        (`SequenceData.seen_items(split)`), excluded under `exclude_history`.
+        None excludes `histories` only, which misses the items of a history
+        longer than the model's window.
 
     Returns:
       {"hr@k", "ndcg@k", "mrr@k" (means), "hr@k_se", ... (standard errors of
@@ -299,9 +310,16 @@ class RankingEvaluator:
       raise ValueError(f"targets must lie in [1, {p.num_items}]")
     if np.any((histories < 0) | (histories > p.num_items)):
       raise ValueError(f"history ids must lie in [0, {p.num_items}]")
+    if seen is not None:
+      if len(seen.indptr) != num + 1:
+        raise ValueError(f"seen has {len(seen.indptr) - 1} users, targets {num}")
+      if seen.indices.size and (seen.indices.min() < 0 or seen.indices.max() > p.num_items):
+        raise ValueError(f"seen item ids must lie in [0, {p.num_items}]")
     negatives = None
     if p.candidates == "sampled":
-      negatives = self.sample_negatives(histories, targets, seed, popularity)
+      negatives = self.sample_negatives(histories, targets, seed, popularity, seen)
+    # Full ranking excluding `seen`: its rows, padded to the longest, go with each batch.
+    pass_seen = seen is not None and p.exclude_history and p.candidates == "full"
 
     bs = self.batch_size
     outputs = []  # fetched after the loop, so batches dispatch asynchronously
@@ -316,7 +334,9 @@ class RankingEvaluator:
 
       outputs.append(self._batch_fn(
           params, batch(histories), batch(targets),
-          None if negatives is None else batch(negatives), self._put(valid)))
+          None if negatives is None else batch(negatives), self._put(valid),
+          self._put(np.pad(seen.padded(start, stop), [(0, pad), (0, 0)]))
+          if pass_seen else None))
     total = {}
     for values in jax.device_get(outputs):
       for name, value in values.items():

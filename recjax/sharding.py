@@ -102,6 +102,31 @@ def num_batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
+  """Raises unless this process's devices hold exactly rows `[p * B/P, (p + 1) * B/P)` of
+  the batch, the rows the input pipeline collates for process p (`global_batch`).
+
+  Otherwise `jax.make_array_from_process_local_data` would silently build a batch from
+  different rows on processes that share a batch shard (data * fsdp smaller than the
+  process count, e.g. tensor parallelism wider than one host).
+  """
+  p, n = jax.process_index(), jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f"global batch {global_batch_size} not divisible by {n} processes")
+  local = global_batch_size // n
+  held = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map(
+      (global_batch_size,)).values():
+    held.update(range(*index[0].indices(global_batch_size)))
+  if held != set(range(p * local, (p + 1) * local)):
+    raise ValueError(
+        f"process {p} of {n}: its devices hold {len(held)} batch rows "
+        f"({min(held)}..{max(held)}), but the input pipeline feeds it rows "
+        f"{p * local}..{(p + 1) * local - 1}. Each process must own its own whole batch "
+        f"shards: data * fsdp ({num_batch_shards(mesh)}) a multiple of the {n} processes, "
+        "with the mesh's batch axes laid out process by process")
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh
                  ) -> dict[str, jax.Array]:
   """This process's rows of the batch -> global arrays sharded over the mesh.

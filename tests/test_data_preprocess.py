@@ -237,6 +237,25 @@ def test_max_seq_len_keeps_most_recent_and_counts():
       2, 0, 0)
 
 
+def test_k_core_broken_by_later_steps_is_reported():
+  """max_seq_len runs after the k-core: users and items it leaves below k are counted
+  (against an independent count of the output) and shown."""
+  rng = np.random.default_rng(0)
+  rows = [(f"u{u}", f"i{k}", 1, t) for u in range(8)
+          for t, k in enumerate(rng.permutation(6)[:5])]
+  data = preprocess(make_raw(rows), PreprocessConfig(k_core=4, max_seq_len=3))
+  lengths = np.diff(data.offsets)
+  counts = np.bincount(data.items, minlength=data.num_items + 1)[1:]
+  want = {"users": int((lengths < 4).sum()), "items": int((counts < 4).sum())}
+  assert want["users"] == 8 and want["items"] > 0  # every user kept 3 < 4 items
+  assert data.stats["below_k_core"] == want
+  assert (f"8 users and {want['items']} items end below k_core=4"
+          in format_stats(data.stats))
+  held = preprocess(make_raw(rows), PreprocessConfig(k_core=4))
+  assert held.stats["below_k_core"] == {"users": 0, "items": 0}
+  assert "k-core " not in format_stats(held.stats)
+
+
 def test_short_users_dropped_and_counted():
   rows = [("u", "a", 1, 1), ("u", "b", 1, 2), ("u", "c", 1, 3),
           ("v", "a", 1, 1), ("v", "z", 1, 2)]
@@ -319,6 +338,19 @@ def test_eval_examples_valid_and_test(loo_data):
   np.testing.assert_array_equal(n, [1, 1])
   with pytest.raises(ValueError):
     loo_data.eval_examples("train", 3)
+
+
+def test_seen_items_are_the_whole_prefix(loo_data):
+  """Everything before the target, not only the last max_len (the evaluators' exclusion)."""
+  for split, want in (("valid", [[1, 2, 3, 4], [3]]), ("test", [[1, 2, 3, 4, 5], [3, 1]])):
+    seen = loo_data.seen_items(split)
+    assert [seen.indices[a:b].tolist() for a, b in zip(seen.indptr[:-1], seen.indptr[1:])
+            ] == want
+    assert seen.max_len == len(want[0])
+    np.testing.assert_array_equal(seen.padded(0, 2), [want[0], want[1] + [0] * (
+        len(want[0]) - len(want[1]))])
+    mask = seen.mask(loo_data.num_items + 1)
+    assert [np.flatnonzero(m).tolist() for m in mask] == [sorted(w) for w in want]
 
 
 def test_item_popularity(loo_data):

@@ -86,6 +86,10 @@ def test_ml100k_reads_ratings_titles_genres_users(tmp_path):
     ("1\t2\t5\t1\n1\t2\t5\n", 2, "expected 4"),
     ("1\t2\t5\t1\n\n1\t2\tfive\t3\n", 3, "non-numeric rating 'five'"),
     ("1\t2\t5\tnoon\n", 1, "non-numeric timestamp"),
+    ("1\t2\t5\t1\n1\t2\tnan\t3\n", 2, "non-finite rating 'nan'"),
+    ("1\t2\t-inf\t1\n", 1, "non-finite rating '-inf'"),
+    ("1\t2\t5\t99999999999999999999\n", 1, "timestamp '99999999999999999999' out of "
+     "the int64 range"),
     ("1\t2\t5\t1\n1\t9\t5\t1\n", 2, "unknown item '9'"),
     ("7\t2\t5\t1\n", 1, "unknown user '7'"),
 ])
@@ -299,6 +303,12 @@ def test_amazon2014_python_literal_meta(tmp_path):
       '{"reviewerID": "A", "asin": "C", "overall": "five",'
       ' "unixReviewTime": 2}'], 2, "non-numeric overall"),
     (['[1, 2]'], 1, "expected an object"),
+    (['{"reviewerID": "A", "asin": "B", "overall": NaN, "unixReviewTime": 1}'], 1,
+     "non-finite overall 'nan'"),
+    (['{"reviewerID": "A", "asin": "B", "overall": Infinity, "unixReviewTime": 1}'], 1,
+     "non-finite overall 'inf'"),
+    (['{"reviewerID": "A", "asin": "B", "overall": 5, "unixReviewTime": 1e30}'], 1,
+     "unixReviewTime 1e\\+30 out of the int64 range"),
 ])
 def test_amazon_review_errors(tmp_path, lines, line, what):
   path = write(tmp_path / "Toys_5.json.gz", "\n".join(lines) + "\n")

@@ -162,6 +162,39 @@ def test_exclude_history_changes_ranks_as_reference_says():
                                     mask), [2, 3])
 
 
+def test_seen_items_beyond_the_window_are_excluded():
+  """The model sees the last L items; exclusion (full ranking and sampled negatives)
+  covers every item seen before the target."""
+  from recjax.data.types import ItemSets  # pylint: disable=g-import-not-at-top
+  num_items = 6
+  scores = np.array([0.0, 9.0, 8.0, 1.0, 5.0, 7.0, 2.0], np.float32)
+
+  def fixed_scores(params, histories):
+    del params
+    return jnp.broadcast_to(scores, (histories.shape[0], scores.shape[0]))
+
+  # User 0 saw 1, 2, 3 (window: [2, 3]); user 1 saw 3 (window [0, 3]). Targets 5, 4.
+  histories = np.array([[2, 3], [0, 3]], np.int32)
+  targets = np.array([5, 4], np.int32)
+  seen = ItemSets(np.array([1, 2, 3, 3], np.int32), np.array([0, 3, 4]))
+  protocol = evaluation.Protocol(num_items=num_items, ks=(1, 2, 3), exclude_history=True)
+  ev = evaluation.RankingEvaluator(fixed_scores, protocol, batch_size=1)
+  window = ev.run(None, histories, targets)
+  full = ev.run(None, histories, targets, seen=seen)
+  # Window only: item 1 (score 9) still beats user 0's target 5 -> rank 2; with
+  # everything seen excluded it is rank 1. User 1's target 4 is rank 4 either way.
+  assert window["hr@1"] == 0.0 and full["hr@1"] == 0.5
+  assert window["mrr@3"] == pytest.approx(0.25) and full["mrr@3"] == pytest.approx(0.5)
+  sampled = evaluation.Protocol(num_items=num_items, ks=(1,), exclude_history=True,
+                                candidates="sampled", num_negatives=2, sampling="uniform")
+  ev = evaluation.RankingEvaluator(fixed_scores, sampled, batch_size=2)
+  for seed in range(20):
+    negatives = ev.sample_negatives(histories, targets, seed, seen=seen)
+    assert not set(negatives[0].tolist()) & {1, 2, 3, 5}
+  with pytest.raises(ValueError, match="seen has 1 users, targets 2"):
+    ev.run(None, histories, targets, seen=ItemSets(seen.indices[:3], seen.indptr[:2]))
+
+
 def test_sharded_params_and_batch_match_single_device():
   assert jax.device_count() == 8
   params, histories, targets, popularity = make_data(num_users=37)

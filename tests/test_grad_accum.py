@@ -114,4 +114,5 @@ def test_joint_accumulation_equals_full_batch():
   (ref_state, ref_metrics), (state, metrics) = results
   _assert_same(state, metrics, ref_state, ref_metrics,
                ("loss", "loss_crm", "loss_llm", "loss_kl", "loss_layer",
-                "grad_norm/crm", "grad_norm/llm", "grad_norm/bridge"))
+                "grad_norm/crm", "grad_norm/llm", "grad_norm/bridge",
+                "num_targets"))   # counts add up over micro-batches (not averaged)

@@ -162,6 +162,26 @@ def test_frozen_parameters_are_bitwise_unchanged(staged_run):
         assert metrics[f"update_norm/{tower}"] == 0
 
 
+def test_crm_frozen_stages_keep_everything_the_crm_reads(staged_run):
+  """CoReLLa S3 and DELRec S1/S2 freeze the CRM: its tower and the bridge parts that build
+  its item embeddings (item memory, its CRM view, title fusion) are bitwise unchanged,
+  while the LLM side of the bridge trains where the stage says so."""
+  plan, history, _ = staged_run
+  crm_side = ("bridge/memory/item_memory", "bridge/memory/to_crm", "bridge/llm_to_crm")
+  for k, bridge_trains in ((2, True), (4, True), (5, False)):   # s3_llm, s1_distil, s2_tune
+    before, after = history[k][1].params, history[k + 1][1].params
+    moved = {}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
+                            jax.tree.leaves(after)):
+      name = "/".join(str(getattr(p, "key", p)) for p in path)
+      moved[name] = not np.array_equal(a, b)
+    assert not any(m for n, m in moved.items()
+                   if n.startswith("crm/") or n.startswith(crm_side)), k
+    assert any(m for n, m in moved.items() if n.startswith("bridge/crm_to_llm")) == \
+        bridge_trains, k
+    assert any(n.startswith(crm_side[2]) for n in moved)  # the test model has title fusion
+
+
 def test_partial_stage_trains_by_path_pattern(staged_run):
   plan, history, _ = staged_run
   flags = plan[-1]["trainable"]
@@ -200,7 +220,8 @@ def test_metrics_report_every_term_and_tower(staged_run):
   np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
 
 
-FAKE_PARAMS = {t: {"w": np.zeros(1)} for t in ("crm", "llm", "bridge")}
+FAKE_PARAMS = {"crm": {"w": np.zeros(1)}, "llm": {"w": np.zeros(1)},
+               "bridge": {"llm_head": {"w": np.zeros(1)}, "memory": {"to_crm": {"w": np.zeros(1)}}}}
 
 
 def test_schedules_are_data():
@@ -254,3 +275,24 @@ def test_tower_update_adafactor_momentum_bfloat16(flags):
     assert new[k].dtype == jnp.bfloat16
     assert np.array_equal(np.asarray(new[k]), np.asarray(params[k])) != flag, k
   assert (float(norm) > 0) == any(flags)
+
+
+def test_each_towers_schedule_spans_the_steps_it_trains():
+  """A staged tower's step count advances only while it trains: its cosine schedule must
+  reach its end on the tower's last step, not partway through."""
+  params = jax.eval_shape(JointTask(jt.CONFIG).init, jax.random.key(0))
+  assert stages.tower_steps(stages.SCHEDULES["corella"], 100, params) == {
+      "crm": 70, "llm": 60, "bridge": 60}
+  assert stages.tower_steps(stages.SCHEDULES["delrec"], 100, params) == {
+      "crm": 0, "llm": 50, "bridge": 50}
+  cfg = jt.OPTIM.copy_and_resolve_references()
+  cfg.schedule, cfg.lr, cfg.weight_decay, cfg.grad_clip = "cosine", 1.0, 0.0, 0.0
+  tx = joint_step.make_joint_optimizer(cfg, 100, towers=("crm",), tower_steps={"crm": 10})
+  x = {"crm": jnp.zeros(())}
+  state = tx.init(x)
+  sizes = []
+  for _ in range(10):
+    u, state = tx.update({"crm": jnp.ones(())}, state, x)
+    sizes.append(abs(float(u["crm"])))
+  # Adam's first steps move by ~lr(t); cosine over 10 steps ends near 0 on step 10.
+  assert sizes[0] > 0.9 and sizes[-1] < 0.05, sizes

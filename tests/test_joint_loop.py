@@ -195,3 +195,23 @@ def test_llm_vocab_size_without_checkpoint_is_refused():
     joint_loop.build_task(config, num_items=20, vocab_size=100)
   config.llm.vocab_size = 0
   assert joint_loop.build_task(config, num_items=20, vocab_size=100).cfg.llm.vocab_size == 128
+
+
+def test_nan_scores_are_an_error():
+  """A diverged head's NaN scores stop the evaluation (RankingEvaluator's default)."""
+  crm = np.zeros((2, 5), np.float32)
+  llm = crm.copy()
+  llm[1, 3] = np.nan
+  target = np.array([1, 2], np.int32)
+  with pytest.raises(FloatingPointError, match="1 of 2 users have NaN llm scores"):
+    joint_loop.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, None)
+  exclude = np.zeros((2, 5), bool)
+  exclude[1, 3] = True  # an excluded item's score is never read
+  joint_loop.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, exclude)
+
+
+def test_monitor_of_a_metric_not_in_eval_ks_fails_before_training(tmp_path):
+  config = joint_config(tmp_path)
+  config.eval.ks = (5, 20)
+  with pytest.raises(ValueError, match="train.monitor='crm/ndcg@10'"):
+    joint_loop.train_and_evaluate_joint(config, str(tmp_path / "work"))

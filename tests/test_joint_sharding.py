@@ -5,6 +5,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from recjax import sharding as shd
 from recjax.train import joint_step
@@ -70,3 +71,17 @@ def test_sharded_joint_step_equals_single_device():
   assert len(memory.addressable_shards) == 8
   assert memory.addressable_shards[0].data.shape != memory.shape
   assert shared.addressable_shards[0].data.shape != shared.shape
+
+
+def test_process_rows_must_match_the_devices_batch_shards(monkeypatch):
+  """Each process collates rows [p*B/P, (p+1)*B/P); its devices must hold exactly those."""
+  mesh = shd.make_mesh((4, 2, 1))
+  shd.check_process_rows(mesh, 16)           # one process holds every row
+  # Pretend to be process 1 of 2 while this process's devices hold the whole batch: the
+  # shape of the error a host gets when processes share batch shards.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(ValueError, match=r"process 1 of 2: its devices hold 16 batch rows "
+                                       r"\(0\.\.15\), but the input pipeline feeds it "
+                                       r"rows 8\.\.15"):
+    shd.check_process_rows(mesh, 16)

@@ -37,6 +37,13 @@ def test_every_target_exactly_once_with_its_history(stride):
     assert len(history) >= min(t, 4 - min(stride, 4) + 1)
 
 
+def test_stride_longer_than_window_is_refused():
+  """stride > max_len would leave stride - max_len targets per gap untrained."""
+  with pytest.raises(ValueError, match="stride=5 > max_len=4"):
+    pipeline.train_dataset(ITEMS, OFFSETS, max_len=4, stride=5, windows_per_user=0,
+                           batch_size=3, num_epochs=1, seed=0)
+
+
 @pytest.mark.parametrize("power", [0.5, 1.0])
 def test_user_weights_give_each_target_its_users_weight(power):
   # User 0 has 6 targets, user 1 one, user 2 none: weights 6**-p and 1, mean 1.

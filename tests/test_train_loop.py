@@ -154,3 +154,23 @@ def test_every_config_file_loads():
   sasrec = load_config_file(BASE_CONFIG)
   task = loop.build_task(sasrec, num_items=10)
   assert task.model_cfg.max_len == sasrec.model.max_len
+
+
+def test_periodic_checkpoints_on_steps_that_are_not_logged(tmp_path, monkeypatch):
+  """train.checkpoint_every_steps fires on its own multiples, not only on log steps."""
+  from recjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config, _ = tiny_config(tmp_path, {"train.num_epochs": 2, "train.checkpoint_every_steps": 7,
+                                     "train.log_every_steps": 10,
+                                     "train.eval_every_steps": 50})
+  saved = []
+  save = ckpt_lib.Checkpointer.save
+
+  def recording_save(self, step, state, meta):
+    saved.append(step)
+    return save(self, step, state, meta)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", recording_save)
+  steps = loop.train_and_evaluate(config, str(tmp_path / "run"))["steps"]
+  assert steps > 14
+  want = sorted(set(range(7, steps + 1, 7)) | set(range(50, steps + 1, 50)) | {steps})
+  assert saved == want

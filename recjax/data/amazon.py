@@ -86,8 +86,9 @@ def read_reviews(path: str):
     r = rec["overall"]
     if isinstance(r, bool) or not isinstance(r, (int, float, str)):
       raise textio.error(path, lineno, f"non-numeric overall {r!r}")
-    ratings.append(float(r) if not isinstance(r, str) else
-                   textio.parse_float(r, path, lineno, "overall"))
+    # A string goes through parse_float; a JSON number (NaN / Infinity too) as its text.
+    ratings.append(textio.parse_float(r if isinstance(r, str) else repr(r), path, lineno,
+                                      "overall"))
     times.append(textio.parse_timestamp(rec["unixReviewTime"], path, lineno,
                                         "unixReviewTime"))
   if not users:

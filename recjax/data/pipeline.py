@@ -98,6 +98,13 @@ class WindowBatcher:
   stride: int
   target_weights: np.ndarray | None = None   # float32[N], see user_target_weights
 
+  def __post_init__(self):
+    if self.stride > self.max_len:
+      raise ValueError(
+          f"stride={self.stride} > max_len={self.max_len}: a window labels only its last "
+          f"max_len positions, so the {self.stride - self.max_len} targets between two "
+          "windows would never be trained; use stride <= max_len")
+
   @property
   def num_label_positions(self) -> int:
     return min(self.stride, self.max_len)

@@ -276,6 +276,10 @@ def _compute_stats(raw: RawDataset, rows: _Rows, data: dict,
       "seq_len": _summary(lengths),
       "item_interactions": _summary(item_pop),
       "timestamp_ties": int((same_user & (rows.t[1:] == rows.t[:-1])).sum()),
+      # max_seq_len and min_user run after the k-core and can leave users or items
+      # below k again: counted, not hidden (0 and 0 when k_core is off or still holds).
+      "below_k_core": {"users": int((lengths < cfg.k_core).sum()),
+                       "items": int((item_pop < cfg.k_core).sum())},
       "time_order": cfg.time_order,
       "rows_out_of_exact_order": int((np.sort(rows.x) != rows.x).sum()),
       "rows_out_of_time_order": int((same_user & (rows.t[1:] < rows.t[:-1])).sum()),
@@ -376,6 +380,11 @@ def format_stats(stats: dict) -> str:
       f"same-time    {stats['timestamp_ties']:,} rows share their user's "
       "previous timestamp (file order kept)",
   ]
+  below = stats.get("below_k_core", {})
+  if below.get("users") or below.get("items"):
+    lines.append(
+        f"k-core       {below['users']:,} users and {below['items']:,} items end below "
+        f"k_core={stats['config']['k_core']} (max_seq_len / min_user run after the k-core)")
   if stats.get("time_order", "exact") != "exact":
     lines.append(
         f"time order   {stats['time_order']}: {stats['rows_out_of_exact_order']:,}"

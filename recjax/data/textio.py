@@ -58,15 +58,27 @@ def iter_lines(path: str, encoding: str = "utf-8",
 
 def parse_float(value: str, path: str, lineno: int, field: str,
                 allow_empty: bool = False) -> float:
-  """Parses a float; '' -> nan when allow_empty."""
+  """Parses a finite float; '' -> nan when allow_empty. nan/inf are errors."""
   value = value.strip()
   if allow_empty and value == "":
     return math.nan
   try:
-    return float(value)
+    x = float(value)
   except ValueError:
     raise error(path, lineno,
                 f"non-numeric {field} {value!r}") from None
+  if not math.isfinite(x):
+    raise error(path, lineno, f"non-finite {field} {value!r}")
+  return x
+
+
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+
+
+def _in_int64(t: int, path: str, lineno: int, field: str, value) -> int:
+  if not _INT64_MIN <= t <= _INT64_MAX:
+    raise error(path, lineno, f"{field} {value!r} out of the int64 range")
+  return t
 
 
 def parse_timestamp(value, path: str, lineno: int,
@@ -78,14 +90,14 @@ def parse_timestamp(value, path: str, lineno: int,
   if isinstance(value, bool):
     raise error(path, lineno, f"non-numeric {field} {value!r}")
   if isinstance(value, int):
-    return value
+    return _in_int64(value, path, lineno, field, value)
   if isinstance(value, float):
     if not math.isfinite(value):
       raise error(path, lineno, f"non-finite {field} {value!r}")
-    return int(value)
+    return _in_int64(int(value), path, lineno, field, value)
   text = value.strip() if isinstance(value, str) else value
   try:
-    return int(text)
+    return _in_int64(int(text), path, lineno, field, value)
   except (TypeError, ValueError):
     pass
   try:
@@ -94,7 +106,7 @@ def parse_timestamp(value, path: str, lineno: int,
     raise error(path, lineno, f"non-numeric {field} {value!r}") from None
   if not math.isfinite(x):
     raise error(path, lineno, f"non-finite {field} {value!r}")
-  return int(x)
+  return _in_int64(int(x), path, lineno, field, value)
 
 
 def split_fields(line: str, sep: str, expected: int, path: str,

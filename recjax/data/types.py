@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,6 +73,36 @@ class RawDataset:
   @property
   def num_rows(self) -> int:
     return len(self.users)
+
+
+class ItemSets(NamedTuple):
+  """One item set per user in CSR form: user u's items are indices[indptr[u]:indptr[u + 1]].
+
+  `recjax.metrics.sample_negatives(exclude=...)` takes it as is.
+  """
+  indices: np.ndarray  # int32[M]
+  indptr: np.ndarray   # int64[U + 1]
+
+  @property
+  def max_len(self) -> int:
+    """The largest set's size (at least 1)."""
+    return max(int(np.max(np.diff(self.indptr), initial=0)), 1)
+
+  def padded(self, start: int, stop: int) -> np.ndarray:
+    """int32[stop - start, max_len]: users start..stop-1, right-padded with 0."""
+    lengths = np.diff(self.indptr[start:stop + 1])
+    out = np.zeros((stop - start, self.max_len), np.int32)
+    rows = np.repeat(np.arange(stop - start), lengths)
+    cols = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = self.indices[self.indptr[start]:self.indptr[stop]]
+    return out
+
+  def mask(self, num_columns: int) -> np.ndarray:
+    """bool[U, num_columns]: True at every item of each user's set."""
+    num = len(self.indptr) - 1
+    out = np.zeros((num, num_columns), bool)
+    out[np.repeat(np.arange(num), np.diff(self.indptr)), self.indices] = True
+    return out
 
 
 @dataclasses.dataclass
@@ -166,6 +196,15 @@ class SequenceData:
     history = np.where(real, self.items[np.clip(idx, 0, None)], 0)
     return (history.astype(np.int32), self.items[end].astype(np.int32),
             (end - start).astype(np.int32))
+
+  def seen_items(self, split: str) -> ItemSets:
+    """Every item each user interacted with before the split's target: seq[:-2] for
+    "valid", seq[:-1] for "test" (`eval_examples` keeps only the last max_len of
+    them as the model's input). The evaluators exclude these from the ranking."""
+    if split not in ("valid", "test"):
+      raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    items, offsets = self._prefix(2 if split == "valid" else 1)
+    return ItemSets(items.astype(np.int32), offsets.astype(np.int64))
 
   def item_popularity(self, split: str = "train") -> np.ndarray:
     """int64[I + 1] interaction count per item id (index 0 = padding = 0).

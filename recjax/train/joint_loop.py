@@ -50,6 +50,7 @@ import tqdm
 
 from recjax import allocator
 from recjax import evaluation
+from recjax import metrics as metrics_lib
 from recjax import routing
 from recjax import sharding as shd
 from recjax.data import pipeline
@@ -184,12 +185,13 @@ class JointEvaluator:
                exclude_history: bool, ks=(5, 10, 20), compiler_options=None):
     self.task, self.mesh, self.batch_size = task, mesh, batch_size
     self.ks, self.exclude_history = tuple(ks), exclude_history
-    self.examples = {}
+    self.examples, self.seen = {}, {}
     for split in ("valid", "test"):
       hist, target, _ = data.eval_examples(split, task.cfg.crm.max_len)
       batch = {"inputs": hist, **builder(hist),
                "user_ids": np.arange(1, len(hist) + 1, dtype=np.int32)}
       self.examples[split] = (batch, target)
+      self.seen[split] = data.seen_items(split)
     self.num_items = data.num_items
     shards = shd.num_batch_shards(mesh)
     if batch_size % shards:
@@ -223,9 +225,9 @@ class JointEvaluator:
     """{"crm": metrics, "llm": metrics, "routing": [per-fraction metrics]}."""
     crm, llm = self.scores(params, catalogue, split)
     batch, target = self.examples[split]
-    exclude = (np.asarray(evaluation.history_mask(jnp.asarray(batch["inputs"]),
-                                                  crm.shape[1]))
-               if self.exclude_history else None)
+    # Every item seen before the target, not only the model's max_len window.
+    exclude = self.seen[split].mask(crm.shape[1]) if self.exclude_history else None
+    check_no_nan_scores(split, {"crm": crm, "llm": llm}, target, exclude)
     fractions = sorted(set(fractions) | {0.0, 1.0})
     curve = routing.routing_curve(jnp.asarray(crm), jnp.asarray(llm), jnp.asarray(target),
                                   fractions, self.ks,
@@ -235,6 +237,20 @@ class JointEvaluator:
     return {"crm": {**strip(by_fraction[0.0]), "num_examples": len(target)},
             "llm": {**strip(by_fraction[1.0]), "num_examples": len(target)},
             "routing": curve}
+
+
+def check_no_nan_scores(split: str, heads: dict[str, np.ndarray], target: np.ndarray,
+                        exclude: np.ndarray | None) -> None:
+  """Raises FloatingPointError if a head's scores float32[U, N + 1] hold a NaN where the
+  ranking of `target` int32[U] reads them (as `RankingEvaluator`'s default nan_policy): a
+  diverged head is an error, not a quietly bad number that could pick the "best"
+  checkpoint."""
+  for head, scores in heads.items():
+    nan = metrics_lib.nan_rows(jnp.asarray(scores), jnp.asarray(target),
+                               None if exclude is None else jnp.asarray(exclude))
+    if num := int(jnp.sum(nan)):
+      raise FloatingPointError(f"{split}: {num} of {len(target)} users have NaN {head} "
+                               "scores among the ranked items")
 
 
 def monitor_value(results: dict, monitor: str) -> float:
@@ -254,8 +270,10 @@ def format_routing(curve: list[dict], ks) -> str:
   return "\n".join(lines)
 
 
-def save_routing_plot(curve: list[dict], path: str, title: str) -> bool:
-  """NDCG@10 against the LLM fraction as a PNG (False when matplotlib is missing)."""
+def save_routing_plot(curve: list[dict], path: str, title: str, metric: str = "ndcg@10"
+                      ) -> bool:
+  """`metric` (a key of the curve's rows) against the LLM fraction as a PNG (False when
+  matplotlib is missing)."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -263,9 +281,9 @@ def save_routing_plot(curve: list[dict], path: str, title: str) -> bool:
   except ImportError:
     return False
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r["llm_fraction"] for r in curve], [r["ndcg@10"] for r in curve], "o-")
+  ax.plot([r["llm_fraction"] for r in curve], [r[metric] for r in curve], "o-")
   ax.set_xlabel("fraction of users routed to the LLM (most uncertain CRM first)")
-  ax.set_ylabel("test NDCG@10 (full ranking)")
+  ax.set_ylabel(f"test {metric.upper()} (full ranking)")
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -347,6 +365,7 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
   subsets = user_subsets(data.num_users, dict(config.train.get("subsets", {}) or {}),
                          config.seed)
   datasets, input_stats = [], []
+  shd.check_process_rows(mesh, batch_size)
   for i, stage in enumerate(schedule):
     if stage.data not in subsets:
       raise ValueError(f"stage {stage.name}: data {stage.data!r} is not 'all' or a key of "
@@ -368,18 +387,26 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
   logging.info("stages: %s", input_stats)
 
   # State, step, resume.
-  tx = joint_step_lib.make_joint_optimizer(config.optim, num_steps)
+  # Each tower's lr schedule spans the steps it trains (a staged tower's step count stops
+  # while it is frozen).
+  steps_of = stages_lib.tower_steps(schedule, num_steps,
+                                    jax.eval_shape(task.init, jax.random.key(0)))
+  tx = joint_step_lib.make_joint_optimizer(config.optim, num_steps, tower_steps=steps_of)
+  logging.info("steps each tower trains: %s", steps_of)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ema_decay = config.optim.get("ema_decay", 0.0)
-  state, state_sharding = _create_state(config, task, tx, mesh, init_rng, ema_decay > 0)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=config.train.get("async_checkpoints",
                                                                     False))
   meta = LoopMeta()
-  if ckpt.latest_step() is not None:
-    state, meta_dict = ckpt.restore(state_lib.abstract_like(state, state_sharding))
+  if ckpt.latest_step() is not None:  # restore into shapes: no second state in memory
+    abstract, state_sharding = state_lib.abstract_train_state(
+        task.init, tx, mesh, config.mesh.rules, ema=ema_decay > 0)
+    state, meta_dict = ckpt.restore(abstract)
     meta = LoopMeta(**meta_dict)
-  elif config.llm.get("checkpoint", ""):
-    state = _load_llm_checkpoint(config, task, state, state_sharding)
+  else:
+    state, state_sharding = _create_state(config, task, tx, mesh, init_rng, ema_decay > 0)
+    if config.llm.get("checkpoint", ""):
+      state = _load_llm_checkpoint(config, task, state, state_sharding)
   start_step = int(state.step)
   options = _compile_options(config)
   train_step = joint_step_lib.make_joint_train_step(
@@ -390,6 +417,11 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
                              exclude_history=config.eval.exclude_history,
                              ks=tuple(config.eval.ks), compiler_options=options)
   monitor = config.train.monitor
+  head, _, metric = monitor.partition("/")
+  known = {f"{m}@{k}" for m in metrics_lib.METRICS for k in config.eval.ks}
+  if head not in HEADS or metric not in known:  # before any training time is spent
+    raise ValueError(f"train.monitor={monitor!r}: expected <crm|llm>/<metric>, a metric "
+                     f"of eval.ks={tuple(config.eval.ks)}: {sorted(known)}")
   writer = MetricWriter(workdir)
   wall_before = meta.wall_seconds
 
@@ -444,8 +476,9 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
           res = evaluator.run(eval_params, catalogue_of(eval_params), "valid")
           value = monitor_value(res, monitor)
           writer.write(done, {f"valid/{h}/{k}": v for h in HEADS for k, v in res[h].items()})
+          metric = monitor.partition("/")[2]  # e.g. "ndcg@10", whatever eval.ks holds
           bar.write(f"step {done} [{stage.name}]: loss {avg['train/loss']:.4f}, valid "
-                    f"NDCG@10 crm {res['crm']['ndcg@10']:.4f} llm {res['llm']['ndcg@10']:.4f}")
+                    f"{metric} crm {res['crm'][metric]:.4f} llm {res['llm'][metric]:.4f}")
           if value > meta.best_value:
             meta.best_value, meta.best_step = value, done
             meta.evals_without_improvement = 0
@@ -551,6 +584,6 @@ def _write_results(workdir, results, evaluator, ks, filename="results.json") -> 
   print("routing (test, CRM entropy decides who goes to the LLM):\n" +
         format_routing(test["routing"], ks), flush=True)
   if save_routing_plot(test["routing"], out / "routing_curve.png",
-                       str(evaluator.protocol("test"))):
+                       str(evaluator.protocol("test")), f"ndcg@{max(ks)}"):
     print(f"wrote {out / 'routing_curve.png'}", flush=True)
   print(f"wrote {out / filename}", flush=True)

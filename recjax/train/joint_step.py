@@ -81,10 +81,14 @@ def per_tower(txs: Mapping[str, optax.GradientTransformation]) -> PerTower:
   return PerTower(init, update, txs)
 
 
-def make_joint_optimizer(cfg, num_steps: int, towers=TOWERS) -> PerTower:
+def make_joint_optimizer(cfg, num_steps: int, towers=TOWERS,
+                         tower_steps: Mapping[str, int] | None = None) -> PerTower:
   """`make_optimizer(cfg)` per tower; `cfg.tower_lr` ({tower: lr}) overrides the lr.
 
-  Gradient clipping (`cfg.grad_clip`) is per tower.
+  Gradient clipping (`cfg.grad_clip`) is per tower. `tower_steps` ({tower: steps},
+  `stages.tower_steps`): the steps each tower actually trains for; its schedule (warm-up,
+  decay) spans those, since its step count only advances while it trains. Default: every
+  tower's schedule spans `num_steps`.
   """
   tower_lr = dict(cfg.get("tower_lr", {}) or {})
   txs = {}
@@ -92,7 +96,8 @@ def make_joint_optimizer(cfg, num_steps: int, towers=TOWERS) -> PerTower:
     c = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
     if t in tower_lr:
       c.lr = tower_lr[t]
-    txs[t] = optim_lib.make_optimizer(c, num_steps)
+    steps = num_steps if tower_steps is None else tower_steps.get(t, num_steps)
+    txs[t] = optim_lib.make_optimizer(c, max(int(steps), 1))
   return per_tower(txs)
 
 
@@ -205,10 +210,11 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
           tx.txs[t], grads[t], state.opt_state[t], state.params[t],
           None if state.ema_params is None else state.ema_params[t], mask[t], ema_decay)
     # Norms per tower, each one pass over its tree; the global l2 norms follow from them.
-    # A frozen parameter's update is discarded, so it counts 0 in the update norm.
+    # A frozen parameter's gradient and update are discarded, so they count 0.
     norms = {}
     for t in state.params:
-      norms[f"grad_norm/{t}"] = optax.tree.norm(grads[t])
+      norms[f"grad_norm/{t}"] = optax.tree.norm(
+          jax.tree.map(lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), mask[t], grads[t]))
       norms[f"update_norm/{t}"] = update_norm[t]
       norms[f"param_norm/{t}"] = optax.tree.norm(params[t])
     total = lambda kind: jnp.sqrt(sum(jnp.square(norms[f"{kind}/{t}"]) for t in state.params))

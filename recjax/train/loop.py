@@ -77,11 +77,12 @@ def build_task(config, num_items: int) -> SequentialTask:
 
 
 def build_evaluators(config, task, data, mesh) -> dict[str, Any]:
-  """{name: (evaluator, histories, targets)} for every configured protocol."""
+  """{name: (evaluator, histories, targets, seen items)} for every configured protocol."""
   out = {}
   max_len = task.model_cfg.max_len
   for split in ("valid", "test"):
     hist, target, _ = data.eval_examples(split, max_len)
+    seen = data.seen_items(split)
     for proto in config.eval.protocols:
       sampled = proto.candidates == "sampled"
       protocol = evaluation.Protocol(
@@ -93,16 +94,16 @@ def build_evaluators(config, task, data, mesh) -> dict[str, Any]:
       ev = evaluation.RankingEvaluator(
           task.scores, protocol, batch_size=config.eval.batch_size,
           batch_sharding=shd.batch_sharding(mesh))
-      out[f"{split}/{proto.name}"] = (ev, hist, target)
+      out[f"{split}/{proto.name}"] = (ev, hist, target, seen)
   return out
 
 
 def run_evaluators(evaluators, params, names, popularity, seed) -> dict:
   results = {}
   for name in names:
-    ev, hist, target = evaluators[name]
+    ev, hist, target, seen = evaluators[name]
     results[name] = ev.run(params, hist, target, seed=seed,
-                           popularity=popularity)
+                           popularity=popularity, seen=seen)
   return results
 
 
@@ -140,6 +141,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   data, mesh, task = _setup(config, workdir, devices)
 
   items, offsets = data.train_sequences()
+  shd.check_process_rows(mesh, config.input.batch_size)
   ds, ds_stats = pipeline.train_dataset(
       items, offsets, max_len=task.model_cfg.max_len,
       stride=config.input.stride,
@@ -156,15 +158,17 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   tx = optim_lib.make_optimizer(config.optim, num_steps)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ema_decay = config.optim.get("ema_decay", 0.0)
-  state, state_sharding = state_lib.create_train_state(
-      task.init, tx, mesh, config.mesh.rules, init_rng, ema=ema_decay > 0)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=config.train.async_checkpoints)
   meta = LoopMeta()
-  if ckpt.latest_step() is not None:
-    state, meta_dict = ckpt.restore(
-        state_lib.abstract_like(state, state_sharding))
+  if ckpt.latest_step() is not None:  # restore into shapes: no second state in memory
+    abstract, state_sharding = state_lib.abstract_train_state(
+        task.init, tx, mesh, config.mesh.rules, ema=ema_decay > 0)
+    state, meta_dict = ckpt.restore(abstract)
     meta = LoopMeta(**meta_dict)
     logging.info("resumed from %s at step %d", workdir, int(state.step))
+  else:
+    state, state_sharding = state_lib.create_train_state(
+        task.init, tx, mesh, config.mesh.rules, init_rng, ema=ema_decay > 0)
   start_step = int(state.step)
 
   train_step = step_lib.make_train_step(task.loss, tx, state_sharding, mesh,
@@ -243,9 +247,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             say(f"early stop at step {done}: no improvement in "
                       f"{patience} evaluations")
           checkpoint(done)
-        elif (config.train.checkpoint_every_steps
-              and done % config.train.checkpoint_every_steps == 0):
-          checkpoint(done)
+        t_chunk = time.perf_counter()
+      every = config.train.checkpoint_every_steps
+      if every and done % every == 0 and not is_eval:  # any step, logged or not
+        meta.train_seconds += time.perf_counter() - t_chunk
+        checkpoint(done)
         t_chunk = time.perf_counter()
       if guard.should_stop(done):       # all processes agree on the step
         if last_saved != done:

@@ -86,18 +86,19 @@ def value_and_grad(loss_fn: LossFn, params, batch: dict, rng: jax.Array, *args,
   aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
 
   def body(carry, xs):
-    g_sum, loss_sum, aux_sum, n_sum = carry
+    g_sum, loss_sum, aux_sum, count_sum, n_sum = carry
     i, mb = xs
     (loss, aux), g = vg(params, mb, jax.random.fold_in(rng, i), *args)
     w = jnp.asarray(aux[weight_key], jnp.float32) if weighted else jnp.float32(1.0)
     loss = loss.astype(jnp.float32)
     g_sum = jax.tree.map(lambda s, x: s + w * x.astype(accum_dtype), g_sum, g)
     aux_sum = jax.tree.map(lambda s, a: s + w * jnp.asarray(a, jnp.float32), aux_sum, aux)
+    count_sum = jax.tree.map(lambda s, a: s + jnp.asarray(a, jnp.float32), count_sum, aux)
     # Equal-weight sums for the fallback when no micro-batch has a target.
-    return (g_sum, loss_sum + jnp.stack([w * loss, loss]), aux_sum, n_sum + w), None
+    return (g_sum, loss_sum + jnp.stack([w * loss, loss]), aux_sum, count_sum, n_sum + w), None
 
-  init = (zeros, jnp.zeros((2,), jnp.float32), aux_zeros, jnp.float32(0.0))
-  (g_sum, loss_sum, aux_sum, n_sum), _ = jax.lax.scan(
+  init = (zeros, jnp.zeros((2,), jnp.float32), aux_zeros, aux_zeros, jnp.float32(0.0))
+  (g_sum, loss_sum, aux_sum, count_sum, n_sum), _ = jax.lax.scan(
       body, init, (jnp.arange(k), micro))
   if weighted:
     # n_sum == 0 means every weight was 0: every micro-batch loss and gradient term is
@@ -110,8 +111,10 @@ def value_and_grad(loss_fn: LossFn, params, batch: dict, rng: jax.Array, *args,
     loss = loss_sum[1] / k
   grads = jax.tree.map(lambda s, p: (s * scale).astype(p.dtype), g_sum, params)
   aux = jax.tree.map(lambda s, a: (s * scale).astype(a.dtype), aux_sum, aux_shape)
-  if weighted:
-    aux[weight_key] = n_sum.astype(aux_shape[weight_key].dtype)
+  # Counts ("num_targets", "num_llm_rows", ...) add up over the micro-batches.
+  for key in aux:
+    if str(key).startswith("num_"):
+      aux[key] = count_sum[key].astype(aux_shape[key].dtype)
   return (loss.astype(jnp.float32), aux), grads
 
 

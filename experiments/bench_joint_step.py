@@ -115,7 +115,8 @@ def main():
   state, sharding = joint_loop._create_state(config, task, tx, mesh, jax.random.key(0),
                                              ema=config.optim.ema_decay > 0)
   jstep = joint_step.make_joint_train_step(task.loss, tx, sharding, mesh,
-                                           ema_decay=config.optim.ema_decay)
+                                           ema_decay=config.optim.ema_decay,
+                                           norms_fn=task.normalizers)
   catalogue = joint_loop._catalogue_fn(task, builder, mesh)(state.params)
   controls = stages.controls(stages.SCHEDULES[config.loss.schedule][0], state.params,
                              catalogue)

@@ -17,6 +17,9 @@ experiments/plan_joint_t5.py runs the whole (model x mesh) table of the README.
 Hardware: any CPU (2 cores here). Time: ~1-2 min per xl plan (measured in
 experiments/plan_joint_t5.py). Expected result: flan-t5-xl + SASRec fits one 80 GiB device
 with these settings (bf16 T5 params and activations, Adafactor, full remat).
+To *train* with it, set --config.llm.param_dtype=float32 (bf16 compute stays) or
+--config.optim.ema_decay=0: the joint loop refuses a bf16 moving average (it would never
+move), and bf16 parameters without a float32 master copy lose updates below half an ulp.
 """
 
 import os

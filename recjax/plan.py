@@ -145,7 +145,8 @@ def _joint_setup(config, num_items: int, batch_size: int):
   def make_step(state_sharding, mesh, grad_accum, compiler_options):
     return joint_step.make_joint_train_step(task.loss, tx, state_sharding, mesh,
                                             grad_accum=grad_accum,
-                                            compiler_options=compiler_options)
+                                            compiler_options=compiler_options,
+                                            norms_fn=task.normalizers)
 
   def analytic(params):
     k = cfg.bridge.num_soft_prompts if cfg.bridge.crm_to_llm else 0

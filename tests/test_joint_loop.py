@@ -215,3 +215,14 @@ def test_monitor_of_a_metric_not_in_eval_ks_fails_before_training(tmp_path):
   config.eval.ks = (5, 20)
   with pytest.raises(ValueError, match="train.monitor='crm/ndcg@10'"):
     joint_loop.train_and_evaluate_joint(config, str(tmp_path / "work"))
+
+
+def test_bf16_parameters_with_a_moving_average_are_refused():
+  """A bf16 EMA never moves (1 - decay) * (p - ema) rounds away); bf16 params alone warn."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ema, p = jnp.full((), 0.05, jnp.bfloat16), jnp.full((), 0.051, jnp.bfloat16)
+  assert ema + (1 - 0.998) * (p - ema) == ema   # the reason
+  with pytest.raises(ValueError, match="never moves"):
+    joint_loop.check_bf16_params("bfloat16", 0.998)
+  joint_loop.check_bf16_params("bfloat16", 0.0)
+  joint_loop.check_bf16_params("float32", 0.998)

@@ -239,6 +239,25 @@ class JointEvaluator:
             "routing": curve}
 
 
+def check_bf16_params(param_dtype, ema_decay: float) -> None:
+  """T5 parameters below float32 have no float32 master copy here: an update smaller than
+  half a unit in the last place is rounded away (logged), and a moving average kept in that
+  dtype never moves at all (an error)."""
+  dtype = jnp.dtype(param_dtype)
+  if dtype == jnp.float32:
+    return
+  if ema_decay > 0:
+    raise ValueError(
+        f"optim.ema_decay={ema_decay} with llm.param_dtype={dtype.name}: the moving average "
+        f"is kept in {dtype.name}, where (1 - decay) * (params - average) rounds away, so it "
+        "never moves; use llm.param_dtype='float32' (llm.dtype='bfloat16' keeps bf16 "
+        "compute) or optim.ema_decay=0")
+  logging.warning("llm.param_dtype=%s: parameters are updated in %s without a float32 "
+                  "master copy; updates below half an ulp (~0.2-0.4%% relative) are lost. "
+                  "llm.param_dtype='float32' with llm.dtype='bfloat16' avoids it.",
+                  dtype.name, dtype.name)
+
+
 def check_no_nan_scores(split: str, heads: dict[str, np.ndarray], target: np.ndarray,
                         exclude: np.ndarray | None) -> None:
   """Raises FloatingPointError if a head's scores float32[U, N + 1] hold a NaN where the
@@ -395,6 +414,7 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
   logging.info("steps each tower trains: %s", steps_of)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ema_decay = config.optim.get("ema_decay", 0.0)
+  check_bf16_params(task.cfg.llm.param_dtype, ema_decay)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=config.train.get("async_checkpoints",
                                                                     False))
   meta = LoopMeta()
@@ -411,7 +431,7 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
   options = _compile_options(config)
   train_step = joint_step_lib.make_joint_train_step(
       task.loss, tx, state_sharding, mesh, ema_decay=ema_decay, compiler_options=options,
-      grad_accum=config.train.get("grad_accum", 1))
+      grad_accum=config.train.get("grad_accum", 1), norms_fn=task.normalizers)
   catalogue_of = _catalogue_fn(task, builder, mesh, options)
   evaluator = JointEvaluator(task, data, builder, mesh, batch_size=config.eval.batch_size,
                              exclude_history=config.eval.exclude_history,

@@ -26,7 +26,8 @@ rng)` and has one optimizer state): the extra `controls` argument (replicated), 
 states, the masking, and per-tower norms in the metrics (`grad_norm/<tower>`,
 `update_norm/<tower>`, `param_norm/<tower>`). Both share gradient accumulation
 (`grad_accum`, `recjax.train.step.value_and_grad`); the joint step averages micro-batches
-equally by default (see `make_joint_train_step`).
+equally and, given `norms_fn`, normalises every loss term by the whole batch's count, which
+makes accumulation exact (see `make_joint_train_step`).
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                           state_sharding: TrainState, mesh: Mesh,
                           ema_decay: float = 0.0,
                           compiler_options: dict | None = None,
-                          grad_accum: int = 1, weight_key: str | None = None):
+                          grad_accum: int = 1, weight_key: str | None = None,
+                          norms_fn: Callable[[dict], dict] | None = None):
   """Compiles `loss_fn(params, batch, rng, controls)` into one masked update.
 
   tx: a `per_tower` optimizer (`PerTower`; its state is {tower: state}). The state is donated,
@@ -187,16 +189,21 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (`recjax.train.step.value_and_grad`). weight_key: None (default) averages the
     micro-batches equally. The joint loss sums terms with different normalisers (CRM
     targets for L_crm, LLM rows for L_llm, L_kl, L_layer), so no single per-micro-batch
-    weight makes every term exact: equal averaging equals the full-batch step exactly
-    when every micro-batch has the same number of valid CRM targets (`mask`) and of valid
-    LLM rows (`target_mask`), e.g. full batches without masked targets; otherwise it is
-    the mean of micro-batch means. ("num_targets" would make L_crm exact but drop the
-    LLM rows of a micro-batch without CRM targets, e.g. an LLM-only stage.)
+    weight makes every term exact. norms_fn: `batch -> {name: float32 count}` of the
+    WHOLE batch (`JointTask.normalizers`); the step passes them, divided by grad_accum, to
+    `loss_fn` as `controls["norms"]`, so each micro-batch's terms are its sums over the
+    global count times grad_accum and their equal average is the full batch's loss and
+    gradient exactly, for any masks (tested). Without it (None) each micro-batch
+    normalises by its own counts: exact only when every micro-batch has the same numbers
+    of valid CRM targets and LLM rows, otherwise the mean of micro-batch means.
     With title_mode "step" each micro-batch re-encodes the catalogue's titles (the
     encoding is inside `loss_fn`), so accumulation multiplies that cost by grad_accum.
   """
   def step(state: TrainState, batch: dict, rng: jax.Array, controls: dict):
     rng = jax.random.fold_in(rng, state.step)
+    if norms_fn is not None:  # the whole batch's counts, shared by every micro-batch
+      norms = {k: jnp.asarray(v, jnp.float32) / grad_accum for k, v in norms_fn(batch).items()}
+      controls = {**controls, "norms": norms}
     (loss, aux), grads = step_lib.value_and_grad(
         loss_fn, state.params, batch, rng, controls, grad_accum=grad_accum, mesh=mesh,
         params_sharding=state_sharding.params, weight_key=weight_key)

@@ -179,25 +179,40 @@ class JointTask:
     batch, catalogue = self.dummy_inputs()
     return self.model.init(rng, batch, catalogue)["params"]
 
+  @staticmethod
+  def normalizers(batch: dict) -> dict:
+    """The loss terms' counts over a batch: CRM targets and LLM rows (float32 scalars);
+    `make_joint_train_step(norms_fn=...)` takes them from the whole batch."""
+    return {"crm": jnp.sum(batch["mask"].astype(jnp.float32)),
+            "rows": jnp.sum(batch["target_mask"].astype(jnp.float32))}
+
   def loss(self, params, batch: dict, rng: jax.Array, controls: dict):
-    """(loss, metrics); see the module docstring for the batch and the terms."""
+    """(loss, metrics); see the module docstring for the batch and the terms.
+
+    Each term is a sum over the batch's valid targets (CRM) or rows (LLM, KL, alignment)
+    divided by its count: this batch's own, or `controls["norms"]` when the step passes
+    the whole batch's (gradient accumulation, `make_joint_train_step(norms_fn=...)`).
+    """
     w = controls["weights"]
     s = batch["labels"].shape[1]
     out = self.model.apply({"params": params}, batch, controls["catalogue"],
                            deterministic=False, num_targets=s, rngs={"dropout": rng})
+    own = self.normalizers(batch)
+    norms = controls.get("norms", own)
+    den = {k: jnp.where(norms[k] > 0, norms[k], 1.0) for k in own}
     terms = {}
     total, count = losses.softmax_cross_entropy(out["crm_logits"], batch["labels"],
                                                 batch["mask"])
-    terms["crm"] = total / jnp.maximum(count, 1.0)
+    terms["crm"] = total / den["crm"]
     row_mask = batch["target_mask"]
-    total, rows = losses.softmax_cross_entropy(out["llm_logits"], batch["target"], row_mask)
-    terms["llm"] = total / jnp.maximum(rows, 1.0)
+    total, _ = losses.softmax_cross_entropy(out["llm_logits"], batch["target"], row_mask)
+    terms["llm"] = total / den["rows"]
     total, _ = kl_divergence(out["crm_next"], out["llm_logits"], row_mask,
                              direction=self.kl_direction, stop_grad=self.kl_stop_grad,
                              temperature=self.kl_temperature)
-    terms["kl"] = total / jnp.maximum(rows, 1.0)
+    terms["kl"] = total / den["rows"]
     total, _ = layer_alignment(out["align"], row_mask, self.align_p)
-    terms["layer"] = total / jnp.maximum(rows, 1.0)
+    terms["layer"] = total / den["rows"]
     loss = sum(w[k] * terms[k] for k in LOSS_TERMS)
     metrics = {f"loss_{k}": v for k, v in terms.items()}
     metrics.update({f"weight_{k}": w[k] for k in LOSS_TERMS})

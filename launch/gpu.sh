@@ -46,7 +46,7 @@ fi
 
 if [[ "${INSTALL:-0}" == 1 ]]; then
   "$python" -m pip install "jax[cuda12]>=0.10.2,<0.11"   # as pyproject.toml
-  "$python" -m pip install -e "$root"
+  "$python" -m pip install -e "$root[hf]"   # [hf]: the joint configs' tokenizer
 fi
 
 export CUDA_VISIBLE_DEVICES="${GPU:-0}"

@@ -16,7 +16,8 @@ usage: launch/tpu_vm.sh COMMAND [launch/main.py flags...]
 
 commands:
   create   gcloud compute tpus tpu-vm create (SPOT=1 for a spot slice)
-  setup    copy this repository to every worker and pip install it there
+  setup    copy this repository to every worker and install it there (uv, a
+           Python 3.11 venv in REMOTE_DIR/.venv)
   run      train on all workers: launch/main.py --jax_distributed
            --config=\$CONFIG --workdir=\$WORKDIR [flags...] (also resumes)
   ssh      open a shell on worker 0
@@ -32,6 +33,8 @@ environment:
   CONFIG            the config file, relative to the repository root
   WORKDIR           gs://bucket/path for checkpoints, logs, results (run)
   REMOTE_DIR        where the repository goes on the workers (default: recjax)
+  PYTHON_VERSION    the workers' Python, installed with uv into REMOTE_DIR/.venv
+                    (default: 3.11; the TPU images' own Python 3.10 is too old)
 
 example (a v4-16 slice, 2 hosts x 4 chips):
   export TPU_NAME=recjax ZONE=us-central2-b ACCELERATOR_TYPE=v4-16
@@ -54,6 +57,7 @@ shift
 accelerator="${ACCELERATOR_TYPE:-v4-8}"
 runtime="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 remote_dir="${REMOTE_DIR:-recjax}"
+python_version="${PYTHON_VERSION:-3.11}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 gcloud_flags=(--zone="$ZONE")
 if [[ -n "${PROJECT:-}" ]]; then
@@ -82,14 +86,18 @@ case "$command" in
         --exclude='*.egg-info' --exclude=__pycache__ .
     gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:recjax.tar.gz" \
         "${gcloud_flags[@]}" --worker=all
+    # The TPU images ship Python 3.10 (Ubuntu 22.04), which jax 0.10 and recjax
+    # (>= 3.11) do not support: uv installs Python 3.11 into a venv on every worker.
     # jax[tpu] brings libtpu; gcsfs + google-cloud-storage let etils.epath
-    # (Orbax, our writers) and tensorboardX write to gs://.
+    # (Orbax, our writers) and tensorboardX write to gs://; [hf] brings
+    # sentencepiece/transformers (the joint configs' tokenizer and checkpoints).
     on_all_workers "set -e; rm -rf ~/$remote_dir; mkdir -p ~/$remote_dir; \
 tar -xzf ~/recjax.tar.gz -C ~/$remote_dir; \
-python3 -m pip install --upgrade pip; \
-python3 -m pip install 'jax[tpu]>=0.10.2,<0.11' gcsfs google-cloud-storage; \
-python3 -m pip install -e ~/$remote_dir; \
-python3 -c 'import jax; print(jax.devices())'"
+python3 -m pip install --user --upgrade uv; \
+~/.local/bin/uv venv --python $python_version ~/$remote_dir/.venv; \
+~/.local/bin/uv pip install --python ~/$remote_dir/.venv/bin/python \
+    'jax[tpu]>=0.10.2,<0.11' gcsfs google-cloud-storage -e ~/$remote_dir'[hf]'; \
+~/$remote_dir/.venv/bin/python -c 'import jax; print(jax.devices())'"
     ;;
   run)
     : "${CONFIG:?set CONFIG, e.g. experiments/sasrec_ml100k.py}"
@@ -103,7 +111,7 @@ python3 -c 'import jax; print(jax.devices())'"
     for flag in "$@"; do
       flags+=" $(printf '%q' "$flag")"
     done
-    on_all_workers "cd ~/$remote_dir && python3 launch/main.py \
+    on_all_workers "cd ~/$remote_dir && .venv/bin/python launch/main.py \
 --jax_distributed --config=$(printf '%q' "$CONFIG") \
 --workdir=$(printf '%q' "$WORKDIR")$flags"
     ;;

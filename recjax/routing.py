@@ -22,11 +22,18 @@ from recjax import metrics as metrics_lib
 Array = jax.Array
 
 
-def next_item_entropy(logits: Array) -> Array:
-  """float[B, N + 1] next-item logits -> float32[B] entropy (nats) over items 1..N."""
-  logits = logits.astype(jnp.float32)[..., 1:]
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+def next_item_entropy(logits: Array, exclude: Array | None = None) -> Array:
+  """float[B, N + 1] next-item logits -> float32[B] entropy (nats) over items 1..N.
+
+  exclude: optional bool[B, N + 1], items left out of the distribution (those the ranking
+  removes, e.g. the history). -inf logits are items of probability 0 (they add 0, not NaN).
+  """
+  logits = logits.astype(jnp.float32)
+  if exclude is not None:
+    logits = jnp.where(exclude, -jnp.inf, logits)
+  log_p = jax.nn.log_softmax(logits[..., 1:], axis=-1)
+  p = jnp.exp(log_p)
+  return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
 
 
 def binary_entropy(p: Array) -> Array:
@@ -57,12 +64,13 @@ def routing_curve(crm_scores: Array, llm_scores: Array, targets: Array,
 
   crm_scores, llm_scores: float32[B, N + 1] over the whole evaluated set; targets int32[B];
   exclude: optional bool[B, N + 1] (e.g. history items) as `metrics.target_ranks`;
-  uncertainty: float[B], default the CRM's next-item entropy.
+  uncertainty: float[B], default the CRM's next-item entropy over the items that are
+    ranked (without `exclude`'s).
   Returns one dict per fraction: {"llm_fraction", "routed", "hr@k", "ndcg@k", "mrr@k",
   and each metric's standard error over users "hr@k_se", ...}.
   """
   if uncertainty is None:
-    uncertainty = next_item_entropy(crm_scores)
+    uncertainty = next_item_entropy(crm_scores, exclude)
   out = []
   for f in fractions:
     to_llm = route_to_llm(uncertainty, f)

@@ -205,6 +205,24 @@ def test_trainable_patterns_last_match_wins_and_typos_fail():
   assert not bool(flags["crm"]["emb"]) and bool(flags["llm"]["enc"]["kernel"])
   with pytest.raises(ValueError, match="'llm/lm_haed' matches no parameter"):
     trainable_mask({"llm/lm_haed": False}, params)
+  # "?" marks an optional part: it may match nothing (a tied T5 has no lm_head).
+  tied = {"crm": params["crm"], "llm": {"enc": params["llm"]["enc"]}}
+  flags = trainable_mask({"llm": True, "?llm/lm_head": False}, tied)
+  assert bool(flags["llm"]["enc"]["kernel"])
+  flags = trainable_mask({"llm": True, "?llm/lm_head": False}, params)
+  assert not bool(flags["llm"]["lm_head"]["kernel"])
+
+
+def test_built_in_stages_freeze_the_token_head():
+  """No loss term reaches T5's lm_head; where T5 trains it stays frozen, so weight decay
+  cannot shrink a pretrained head that title generation reads."""
+  params = jax.eval_shape(JointTask(jt.CONFIG).init, jax.random.key(0))
+  assert "lm_head" in params["llm"]
+  for name, schedule in stages.SCHEDULES.items():
+    for stage in schedule:
+      flags = trainable_mask(dict(stage.trainable), params)
+      assert not any(bool(f) for f in jax.tree.leaves(flags["llm"]["lm_head"])), (
+          name, stage.name)
 
 
 def test_metrics_report_every_term_and_tower(staged_run):

@@ -101,7 +101,24 @@ def test_tpu_vm_run_starts_main_on_all_workers(tmp_path):
                "--config=experiments/sasrec_ml100k.py",
                "--workdir=gs://b/run", "--config.train.num_epochs=2"):
     assert part in remote, remote
+  assert ".venv/bin/python launch/main.py" in remote   # setup's Python 3.11 venv
   bad = dict(env, WORKDIR="/local/dir")     # workers cannot share it
   out = subprocess.run([os.path.join(lt.ROOT, "launch", "tpu_vm.sh"), "run"],
                        env=bad, capture_output=True, text=True)
   assert out.returncode == 2 and "gs://" in out.stderr
+
+
+def test_tpu_vm_setup_installs_a_supported_python_with_the_hf_extra(tmp_path):
+  """The TPU images' Python 3.10 is below jax 0.10's minimum: setup makes a uv venv."""
+  fake = tmp_path / "gcloud"      # records every call's arguments
+  fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> "$LOG"\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}",
+             LOG=str(tmp_path / "log"), TPU_NAME="tpu", ZONE="zone-a")
+  subprocess.run([os.path.join(lt.ROOT, "launch", "tpu_vm.sh"), "setup"], env=env,
+                 check=True)
+  remote = [a for a in (tmp_path / "log").read_text().splitlines()
+            if a.startswith("--command=")][0]
+  for part in ("uv venv --python 3.11 ~/recjax/.venv", "--python ~/recjax/.venv/bin/python",
+               "'jax[tpu]>=0.10.2,<0.11'", "-e ~/recjax'[hf]'"):
+    assert part in remote, remote

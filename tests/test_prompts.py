@@ -70,6 +70,18 @@ def test_oldest_items_dropped_whole_when_too_long():
                                                "next", "?", "</s>"]
 
 
+def test_coverage_counts_shown_dropped_and_cut():
+  """What the prompts leave out is counted, with the same choice as the prompts."""
+  b = builder(prompt_len=14, title_len=3)        # "gamma three words four" is cut to 3
+  hist = np.array([[1, 3, 4], [0, 0, 4], [0, 0, 0]], np.int32)
+  cov = b.coverage(hist)
+  shown = [int((b(hist[i:i + 1])["llm_item_ids"][0] > 0).sum()) for i in range(3)]
+  assert cov == {"rows": 3, "items_offered": 4, "items_shown": sum(shown),
+                 "items_dropped": 4 - sum(shown), "mean_items_shown": sum(shown) / 3,
+                 "rows_with_drops": 1, "titles_cut": 1}
+  assert shown == [2, 1, 0]
+
+
 def test_empty_history_and_catalogue():
   b = builder(prompt_len=16, title_len=3)
   out = b(np.zeros((2, 4), np.int32))

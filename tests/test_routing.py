@@ -53,3 +53,17 @@ def test_routing_extremes_equal_crm_only_and_llm_only():
   h = np.asarray(routing.next_item_entropy(crm))
   mixed = np.where((h >= np.sort(h)[16])[:, None], llm, crm)
   assert {k: v for k, v in curve[1].items() if "@" in k} == _only(mixed, targets)
+
+
+def test_entropy_with_minus_infinity_and_excluded_items():
+  """-inf logits are items of probability 0 (not NaN, which would never be routed); the
+  entropy covers the ranked items only when `exclude` is given."""
+  logits = jnp.array([[0.0, 1.0, -jnp.inf, 2.0], [0.0, 1.0, 1.0, 1.0]])
+  h = routing.next_item_entropy(logits)
+  assert bool(jnp.all(jnp.isfinite(h)))
+  np.testing.assert_allclose(h[0], routing.next_item_entropy(logits[:1, [0, 1, 3]])[0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(h[1], np.log(3.0), rtol=1e-6)
+  exclude = jnp.array([[False, False, False, False], [False, True, False, False]])
+  np.testing.assert_allclose(routing.next_item_entropy(logits, exclude)[1], np.log(2.0),
+                             rtol=1e-6)

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
 import os
+import socket
+import uuid
 
 import numpy as np
 
@@ -69,7 +71,10 @@ class PromptBuilder:
     self.item_token_id = int(item_token_id)
     pieces = tokenize([cfg.prefix, cfg.separator, cfg.suffix])
     self.prefix, self.separator, self.suffix = (np.asarray(p, np.int32) for p in pieces)
-    self.titles = [np.asarray(t[:cfg.title_len], np.int32) for t in tokenize(list(titles))]
+    tokens = tokenize(list(titles))
+    # Titles longer than title_len lose their tail (often the "(year)"): counted.
+    self.titles_cut = sum(len(t) > cfg.title_len for t in tokens[1:])
+    self.titles = [np.asarray(t[:cfg.title_len], np.int32) for t in tokens]
     fixed = len(self.prefix) + len(self.suffix) + 1          # + eos
     longest = max((self._item_len(i) for i in range(1, len(self.titles))), default=0)
     if fixed + longest > cfg.prompt_len:
@@ -97,6 +102,33 @@ class PromptBuilder:
     items.append(np.zeros(len(self.separator), np.int32))
     return np.concatenate(ids), np.concatenate(items)
 
+  def _chosen(self, hist: np.ndarray, budget: int) -> list[int]:
+    """The most recent items that fit `budget` tokens (whole items only), newest first."""
+    chosen, used = [], 0
+    for item in hist[hist > 0][-self.cfg.num_items:][::-1]:
+      n = self._item_len(int(item))
+      if used + n > budget:
+        break
+      chosen.append(int(item))
+      used += n
+    return chosen
+
+  def _budget(self) -> int:
+    return self.cfg.prompt_len - len(self.prefix) - len(self.suffix) - 1
+
+  def coverage(self, histories: np.ndarray) -> dict:
+    """How much of the offered history the prompts show, over int32[B, L] histories:
+    {"rows", "items_offered" (min(num_items, history) summed), "items_shown",
+    "items_dropped" (offered but past the token budget), "mean_items_shown",
+    "rows_with_drops", "titles_cut" (catalogue titles longer than title_len)}."""
+    histories = np.asarray(histories)
+    offered = np.minimum((histories > 0).sum(1), self.cfg.num_items)
+    shown = np.array([len(self._chosen(h, self._budget())) for h in histories])
+    return {"rows": int(len(histories)), "items_offered": int(offered.sum()),
+            "items_shown": int(shown.sum()), "items_dropped": int((offered - shown).sum()),
+            "mean_items_shown": float(shown.mean()) if len(shown) else 0.0,
+            "rows_with_drops": int((shown < offered).sum()), "titles_cut": self.titles_cut}
+
   def __call__(self, histories: np.ndarray) -> dict[str, np.ndarray]:
     """int32[B, L] left-padded histories -> prompt arrays [B, T] (module docstring)."""
     cfg = self.cfg
@@ -105,16 +137,9 @@ class PromptBuilder:
     ids = np.zeros((b, t), np.int32)
     item_ids = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), bool)
-    budget = t - len(self.prefix) - len(self.suffix) - 1
+    budget = self._budget()
     for row, hist in enumerate(histories):
-      recent = hist[hist > 0][-cfg.num_items:]
-      chosen, used = [], 0
-      for item in recent[::-1]:                      # newest first, until full
-        n = self._item_len(int(item))
-        if used + n > budget:
-          break
-        chosen.append(int(item))
-        used += n
+      chosen = self._chosen(hist, budget)            # newest first, until full
       parts_ids, parts_items = [self.prefix], [np.zeros(len(self.prefix), np.int32)]
       for item in chosen[::-1]:                      # oldest first in the prompt
         a, c = self._item_tokens(item)
@@ -164,20 +189,25 @@ def train_text_vocab(texts: Sequence[str], vocab_size: int, cache_dir: str,
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   corpus = "\n".join(t.replace("\n", " ") for t in list(texts) + list(extra_texts) if t)
-  key = hashlib.sha256(f"{vocab_size}\n{corpus}".encode()).hexdigest()[:16]
+  options = dict(model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+                 pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+                 user_defined_symbols=[ITEM_PIECE], character_coverage=1.0,
+                 hard_vocab_limit=False)
+  # The key covers the trainer's options too: changing one must not reuse a stale model.
+  key = hashlib.sha256(f"{vocab_size}\n{sorted(options.items())}\n{corpus}".encode()
+                       ).hexdigest()[:16]
   directory = os.path.join(os.path.expanduser(cache_dir), f"spm-{key}")
   model = os.path.join(directory, "spiece.model")
   if not os.path.exists(model):
     os.makedirs(directory, exist_ok=True)
-    tmp_prefix = os.path.join(directory, f"tmp-{os.getpid()}")
+    # Unique per process and host (hosts may share a cache directory).
+    tmp_prefix = os.path.join(directory, f"tmp-{socket.gethostname()}-{os.getpid()}-"
+                                         f"{uuid.uuid4().hex[:8]}")
     with open(tmp_prefix + ".txt", "w", encoding="utf-8") as f:
       f.write(corpus)
     spm.SentencePieceTrainer.train(
         input=tmp_prefix + ".txt", model_prefix=tmp_prefix, vocab_size=vocab_size,
-        model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        user_defined_symbols=[ITEM_PIECE], character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1)
+        minloglevel=2, num_threads=1, **options)
     os.replace(tmp_prefix + ".model", model)        # atomic: concurrent runs are safe
     for suffix in (".txt", ".vocab"):
       if os.path.exists(tmp_prefix + suffix):

@@ -239,6 +239,15 @@ class JointEvaluator:
             "routing": curve}
 
 
+def format_coverage(cov: dict, config) -> str:
+  """One line of `PromptBuilder.coverage`."""
+  return (f"{cov['mean_items_shown']:.2f} of up to {config.prompt.num_items} recent items "
+          f"shown on average ({cov['items_dropped']:,} of {cov['items_offered']:,} offered "
+          f"items dropped past prompt_len={config.prompt.prompt_len}, in "
+          f"{cov['rows_with_drops']:,} of {cov['rows']:,} prompts); {cov['titles_cut']:,} "
+          f"catalogue titles cut at title_len={config.prompt.title_len}")
+
+
 def check_bf16_params(param_dtype, ema_decay: float) -> None:
   """T5 parameters below float32 have no float32 master copy here: an update smaller than
   half a unit in the last place is rounded away (logged), and a moving average kept in that
@@ -436,6 +445,12 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
   evaluator = JointEvaluator(task, data, builder, mesh, batch_size=config.eval.batch_size,
                              exclude_history=config.eval.exclude_history,
                              ks=tuple(config.eval.ks), compiler_options=options)
+  # How much history the prompts actually show (items dropped past prompt_len, titles cut).
+  prompt_coverage = {split: builder.coverage(evaluator.examples[split][0]["inputs"])
+                     for split in ("valid", "test")}
+  if is_main:
+    print(f"prompts (test users): {format_coverage(prompt_coverage['test'], config)}",
+          flush=True)
   monitor = config.train.monitor
   head, _, metric = monitor.partition("/")
   known = {f"{m}@{k}" for m in metrics_lib.METRICS for k in config.eval.ks}
@@ -546,6 +561,7 @@ def train_and_evaluate_joint(config, workdir: str) -> dict:
       "config": config.to_dict(),
       "dataset": {"name": data.name, "stats": data.stats},
       "stages": input_stats,
+      "prompt_coverage": prompt_coverage,
       "protocols": {s: evaluator.protocol(s).to_dict() for s in final},
       "metrics": final,
       "best_step": best_meta["step"],

@@ -107,13 +107,16 @@ def trainable_mask(trainable: dict[str, bool], params) -> Any:
   matched against the whole path ("llm/.*/SelfAttention/.*"). For each parameter the *last* matching pattern decides;
   a parameter no pattern matches is frozen. So {"llm": True, "llm/lm_head": False} trains
   T5 except its token head. A pattern that matches no parameter is an error (a typo must
-  not silently freeze or train the wrong thing).
+  not silently freeze or train the wrong thing), unless it starts with "?" (an optional
+  part: "?llm/lm_head" is absent from a T5 with tied embeddings).
   params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s; only paths are read).
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))
   paths = [param_path(p) for p, _ in leaves]
   flags = [False] * len(paths)
   for pattern, flag in trainable.items():
+    optional = pattern.startswith("?")
+    pattern = pattern[1:] if optional else pattern
     try:
       regex = re.compile(pattern)
     except re.error as e:
@@ -121,7 +124,7 @@ def trainable_mask(trainable: dict[str, bool], params) -> Any:
                        f"{e}") from None
     hits = [i for i, path in enumerate(paths)
             if path == pattern or path.startswith(pattern + "/") or regex.fullmatch(path)]
-    if not hits:
+    if not hits and not optional:
       towers = sorted({path.split("/")[0] for path in paths})
       raise ValueError(f"trainable pattern {pattern!r} matches no parameter (towers "
                        f"{towers}; paths look like {paths[0]!r})")

@@ -46,25 +46,30 @@ class Stage:
 # A regular expression, so that the optional parts may be absent.
 LLM_SIDE_BRIDGE = r"bridge/(crm_to_llm|llm_head|item_tokens|memory/to_llm|memory/user_memory)(/.*)?"
 
+# T5's token head: no loss term reaches it (the item head is the bridge's), so where T5
+# trains it is frozen, or weight decay alone would shrink a pretrained head that title
+# generation (`JointTask.generate`) reads. Optional: a tied T5 has none.
+NO_TOKEN_HEAD = {"?llm/lm_head": False}
+
 SCHEDULES: dict[str, tuple[Stage, ...]] = {
     "corella": (
         Stage("s1_crm", 0.4, {"crm": 1.0},
               {"crm": True}, data="all"),
         Stage("s2_joint", 0.3, {"crm": 1.0, "llm": 1.0, "layer": 0.1},
-              {"crm": True, "llm": True, "bridge": True}, data="subset_a"),
+              {"crm": True, "llm": True, "bridge": True, **NO_TOKEN_HEAD}, data="subset_a"),
         Stage("s3_llm", 0.3, {"llm": 1.0},
-              {"llm": True, LLM_SIDE_BRIDGE: True}, data="subset_b"),
+              {"llm": True, LLM_SIDE_BRIDGE: True, **NO_TOKEN_HEAD}, data="subset_b"),
     ),
     "delrec": (
         Stage("s1_distil", 0.5, {"llm": 1.0, "kl": 1.0},
               {LLM_SIDE_BRIDGE: True}),
         Stage("s2_tune", 0.5, {"llm": 1.0},
-              {"llm": True}),
+              {"llm": True, **NO_TOKEN_HEAD}),
     ),
     # Everything at once (the BDLM-style joint objective).
     "joint": (
         Stage("joint", 1.0, {"crm": 1.0, "llm": 1.0, "kl": 0.1, "layer": 0.1},
-              {"crm": True, "llm": True, "bridge": True}),
+              {"crm": True, "llm": True, "bridge": True, **NO_TOKEN_HEAD}),
     ),
 }
 

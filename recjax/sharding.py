@@ -103,8 +103,8 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 def check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
-  """Raises unless this process's devices hold exactly rows `[p * B/P, (p + 1) * B/P)` of
-  the batch, the rows the input pipeline collates for process p (`global_batch`).
+  """Raises unless this process's devices hold one contiguous block of B/P rows of the
+  batch: the input pipeline collates B/P rows for each process (`global_batch`).
 
   Otherwise `jax.make_array_from_process_local_data` would silently build a batch from
   different rows on processes that share a batch shard (data * fsdp smaller than the
@@ -118,11 +118,13 @@ def check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
   for index in batch_sharding(mesh).addressable_devices_indices_map(
       (global_batch_size,)).values():
     held.update(range(*index[0].indices(global_batch_size)))
-  if held != set(range(p * local, (p + 1) * local)):
+  # The process's B/P rows land in the block its devices hold: any contiguous block of
+  # B/P rows works (a mesh that orders the processes differently only permutes the batch).
+  if len(held) != local or max(held) - min(held) + 1 != local:
     raise ValueError(
         f"process {p} of {n}: its devices hold {len(held)} batch rows "
-        f"({min(held)}..{max(held)}), but the input pipeline feeds it rows "
-        f"{p * local}..{(p + 1) * local - 1}. Each process must own its own whole batch "
+        f"({min(held)}..{max(held)}), but the input pipeline feeds it {local} rows "
+        f"(a contiguous block of B/P). Each process must own its own whole batch "
         f"shards: data * fsdp ({num_batch_shards(mesh)}) a multiple of the {n} processes, "
         "with the mesh's batch axes laid out process by process")
 

@@ -204,6 +204,14 @@ def test_atomic_maps_columns_by_header_name(tmp_path):
   assert ".user" in raw.source
 
 
+def test_atomic_non_finite_values_outside_ratings_are_kept(tmp_path):
+  """Only ratings must be finite: another float column may hold nan (a missing price)."""
+  prefix = atomic_files(tmp_path, inter="user_id:token\titem_id:token\tweight:float\n"
+                        "a\tx\tnan\nb\ty\t1.5\n", item=False)
+  raw = atomic.read_atomic(prefix)
+  assert len(raw.users) == 2
+
+
 def test_atomic_without_timestamp_or_item_file(tmp_path):
   prefix = atomic_files(tmp_path, inter="user_id:token\titem_id:token\n"
                         "a\tx\nb\ty\n", item=False)
@@ -223,6 +231,8 @@ def test_atomic_without_timestamp_or_item_file(tmp_path):
      "expected 3 tab-separated columns"),
     ("user_id:token\titem_id:token\trating:float\na\tb\t1\na\tb\tgood\n", 3,
      "non-numeric rating 'good'"),
+    ("user_id:token\titem_id:token\trating:float\na\tb\t1\na\tb\tinf\n", 3,
+     "non-finite rating 'inf'"),
     ("user_id:token\titem_id:token\ttimestamp:float\na\tb\t\n", 2,
      "empty timestamp"),
     ("user_id:token\titem_id:token\n\ta\n", 2, "empty user_id"),

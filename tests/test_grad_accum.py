@@ -123,3 +123,9 @@ def test_joint_accumulation_equals_full_batch(balanced):
                ("loss", "loss_crm", "loss_llm", "loss_kl", "loss_layer",
                 "grad_norm/crm", "grad_norm/llm", "grad_norm/bridge",
                 "num_targets"))   # counts add up over micro-batches (not averaged)
+
+
+def test_joint_norms_and_micro_batch_weights_are_exclusive():
+  with pytest.raises(ValueError, match="norms_fn already makes accumulation exact"):
+    joint_step.make_joint_train_step(lambda *a: None, None, None, None, grad_accum=2,
+                                     weight_key="num_targets", norms_fn=lambda b: {})

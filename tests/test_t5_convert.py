@@ -280,6 +280,8 @@ def test_hub_ids_download_and_mistyped_paths(hf_models, loaded, tmp_path, monkey
 
   def fake_snapshot_download(repo_id, allow_patterns):
     calls.append((repo_id, tuple(allow_patterns)))
+    if repo_id not in repos:
+      raise OSError(f"Repository Not Found for url: .../{repo_id}")
     out = tmp_path / "cache" / repo_id.replace("/", "--")
     out.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(repos[repo_id]):
@@ -299,6 +301,10 @@ def test_hub_ids_download_and_mistyped_paths(hf_models, loaded, tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="no such model directory"):
       load_t5_from_hf(bad)
     assert not calls
+  # A mistyped relative path with one slash looks like a hub id: the failed fetch says so.
+  with pytest.raises(FileNotFoundError, match="ckpts/flan: no such model directory, and "
+                                              "fetching it as a hub id failed"):
+    load_t5_from_hf("ckpts/flan")
 
 
 def test_config_json_mapping():

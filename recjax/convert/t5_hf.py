@@ -295,7 +295,11 @@ def _resolve(path: str) -> str:
     raise FileNotFoundError(f"{path}: no such model directory (a hub id looks like "
                             "'google/flan-t5-small')")
   from huggingface_hub import snapshot_download  # Hub ids only, needs the network.
-  directory = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+  try:
+    directory = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+  except Exception as e:  # offline, unknown repository, or a mistyped relative path
+    raise FileNotFoundError(f"{path}: no such model directory, and fetching it as a hub "
+                            f"id failed ({type(e).__name__}: {e})") from e
   if not any(os.path.exists(os.path.join(directory, name))
              for name in ("model.safetensors", "model.safetensors.index.json")):
     # An older repository with PyTorch weights only (read with torch).

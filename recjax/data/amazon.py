@@ -88,7 +88,7 @@ def read_reviews(path: str):
       raise textio.error(path, lineno, f"non-numeric overall {r!r}")
     # A string goes through parse_float; a JSON number (NaN / Infinity too) as its text.
     ratings.append(textio.parse_float(r if isinstance(r, str) else repr(r), path, lineno,
-                                      "overall"))
+                                      "overall", finite=True))
     times.append(textio.parse_timestamp(rec["unixReviewTime"], path, lineno,
                                         "unixReviewTime"))
   if not users:

@@ -78,8 +78,8 @@ def iter_records(path: str, required: tuple[str, ...] = ()):
       elif typ == "token_seq":
         record[name] = cell.split()
       elif typ == "float":
-        record[name] = textio.parse_float(cell, path, lineno, name,
-                                          allow_empty=True)
+        record[name] = textio.parse_float(cell, path, lineno, name, allow_empty=True,
+                                          finite=name == "rating")
       else:
         record[name] = [textio.parse_float(x, path, lineno, name)
                         for x in cell.split()]

@@ -59,7 +59,7 @@ def _read_ratings(path: str, sep: str, encoding: str):
     u, i, r, t = textio.split_fields(line, sep, 4, path, lineno)
     users.append(u.strip())
     items.append(i.strip())
-    ratings.append(textio.parse_float(r, path, lineno, "rating"))
+    ratings.append(textio.parse_float(r, path, lineno, "rating", finite=True))
     times.append(textio.parse_timestamp(t, path, lineno))
     linenos.append(lineno)
   if not users:

@@ -73,7 +73,7 @@ class PromptBuilder:
     self.prefix, self.separator, self.suffix = (np.asarray(p, np.int32) for p in pieces)
     tokens = tokenize(list(titles))
     # Titles longer than title_len lose their tail (often the "(year)"): counted.
-    self.titles_cut = sum(len(t) > cfg.title_len for t in tokens[1:])
+    self.titles_cut = sum(len(t) > cfg.title_len for t in tokens[1:])  # (catalogue too)
     self.titles = [np.asarray(t[:cfg.title_len], np.int32) for t in tokens]
     fixed = len(self.prefix) + len(self.suffix) + 1          # + eos
     longest = max((self._item_len(i) for i in range(1, len(self.titles))), default=0)

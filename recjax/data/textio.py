@@ -57,8 +57,9 @@ def iter_lines(path: str, encoding: str = "utf-8",
 
 
 def parse_float(value: str, path: str, lineno: int, field: str,
-                allow_empty: bool = False) -> float:
-  """Parses a finite float; '' -> nan when allow_empty. nan/inf are errors."""
+                allow_empty: bool = False, finite: bool = False) -> float:
+  """Parses a float; '' -> nan when allow_empty. With `finite` (ratings), nan/inf written
+  in the file are errors."""
   value = value.strip()
   if allow_empty and value == "":
     return math.nan
@@ -67,7 +68,7 @@ def parse_float(value: str, path: str, lineno: int, field: str,
   except ValueError:
     raise error(path, lineno,
                 f"non-numeric {field} {value!r}") from None
-  if not math.isfinite(x):
+  if finite and not math.isfinite(x):
     raise error(path, lineno, f"non-finite {field} {value!r}")
   return x
 

@@ -22,7 +22,7 @@ import numpy as np
 
 # Bumped whenever the saved layout or the preprocessing semantics change, so
 # that stale caches are never reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: non-finite ratings refused, below_k_core in the stats
 
 PAD_ITEM = "<pad>"
 

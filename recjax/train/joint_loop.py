@@ -620,6 +620,7 @@ def _write_results(workdir, results, evaluator, ks, filename="results.json") -> 
   print("routing (test, CRM entropy decides who goes to the LLM):\n" +
         format_routing(test["routing"], ks), flush=True)
   if save_routing_plot(test["routing"], out / "routing_curve.png",
-                       str(evaluator.protocol("test")), f"ndcg@{max(ks)}"):
+                       str(evaluator.protocol("test")),
+                       "ndcg@10" if 10 in ks else f"ndcg@{ks[0]}"):
     print(f"wrote {out / 'routing_curve.png'}", flush=True)
   print(f"wrote {out / filename}", flush=True)

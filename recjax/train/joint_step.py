@@ -199,6 +199,10 @@ def make_joint_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     With title_mode "step" each micro-batch re-encodes the catalogue's titles (the
     encoding is inside `loss_fn`), so accumulation multiplies that cost by grad_accum.
   """
+  if norms_fn is not None and weight_key is not None:
+    raise ValueError("norms_fn already makes accumulation exact; weighting the micro-batches "
+                     f"again by {weight_key!r} would not be: pass one or the other")
+
   def step(state: TrainState, batch: dict, rng: jax.Array, controls: dict):
     rng = jax.random.fold_in(rng, state.step)
     if norms_fn is not None:  # the whole batch's counts, shared by every micro-batch

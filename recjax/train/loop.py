@@ -250,6 +250,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         t_chunk = time.perf_counter()
       every = config.train.checkpoint_every_steps
       if every and done % every == 0 and not is_eval:  # any step, logged or not
+        # Never save a diverged state (a restart would resume from it): the losses since
+        # the last log must be finite, as the logging branch checks.
+        losses = [float(m["loss"]) for m in jax.device_get(pending)]
+        if not np.all(np.isfinite(losses)):
+          raise FloatingPointError(f"non-finite loss before step {done}: {losses}")
         meta.train_seconds += time.perf_counter() - t_chunk
         checkpoint(done)
         t_chunk = time.perf_counter()

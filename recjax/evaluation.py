@@ -320,6 +320,7 @@ class RankingEvaluator:
       negatives = self.sample_negatives(histories, targets, seed, popularity, seen)
     # Full ranking excluding `seen`: its rows, padded to the longest, go with each batch.
     pass_seen = seen is not None and p.exclude_history and p.candidates == "full"
+    width = seen.max_len if pass_seen else 0   # one width: one compiled batch function
 
     bs = self.batch_size
     outputs = []  # fetched after the loop, so batches dispatch asynchronously
@@ -335,7 +336,7 @@ class RankingEvaluator:
       outputs.append(self._batch_fn(
           params, batch(histories), batch(targets),
           None if negatives is None else batch(negatives), self._put(valid),
-          self._put(np.pad(seen.padded(start, stop), [(0, pad), (0, 0)]))
+          self._put(np.pad(seen.padded(start, stop, width), [(0, pad), (0, 0)]))
           if pass_seen else None))
     total = {}
     for values in jax.device_get(outputs):

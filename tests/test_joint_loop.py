@@ -11,6 +11,7 @@ import pytest
 
 from recjax.data import prompts as prompts_lib
 from recjax.train import checkpoint as ckpt_lib
+from recjax.train import joint_eval
 from recjax.train import joint_loop
 from recjax.train import joint_step
 import loop_testing
@@ -204,10 +205,10 @@ def test_nan_scores_are_an_error():
   llm[1, 3] = np.nan
   target = np.array([1, 2], np.int32)
   with pytest.raises(FloatingPointError, match="1 of 2 users have NaN llm scores"):
-    joint_loop.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, None)
+    joint_eval.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, None)
   exclude = np.zeros((2, 5), bool)
   exclude[1, 3] = True  # an excluded item's score is never read
-  joint_loop.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, exclude)
+  joint_eval.check_no_nan_scores("valid", {"crm": crm, "llm": llm}, target, exclude)
 
 
 def test_monitor_of_a_metric_not_in_eval_ks_fails_before_training(tmp_path):

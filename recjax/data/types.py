@@ -88,10 +88,11 @@ class ItemSets(NamedTuple):
     """The largest set's size (at least 1)."""
     return max(int(np.max(np.diff(self.indptr), initial=0)), 1)
 
-  def padded(self, start: int, stop: int) -> np.ndarray:
-    """int32[stop - start, max_len]: users start..stop-1, right-padded with 0."""
+  def padded(self, start: int, stop: int, width: int | None = None) -> np.ndarray:
+    """int32[stop - start, width]: users start..stop-1, right-padded with 0; width
+    defaults to `max_len` (pass it when padding many slices: it scans every user)."""
     lengths = np.diff(self.indptr[start:stop + 1])
-    out = np.zeros((stop - start, self.max_len), np.int32)
+    out = np.zeros((stop - start, self.max_len if width is None else width), np.int32)
     rows = np.repeat(np.arange(stop - start), lengths)
     cols = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     out[rows, cols] = self.indices[self.indptr[start]:self.indptr[stop]]

@@ -13,7 +13,8 @@ DELRec (arXiv 2406.11156), two stages:
   S1 distil the CRM into the soft prompts: CRM and T5 frozen, the LLM side of the bridge
   (soft prompts, item head) trained on the next item (L_llm) and on the teacher's
   distribution (L_kl with the CRM side stop-gradient); the teacher, including the bridge
-  parts that feed it (item memory, its CRM view, title fusion), stays fixed; S2 soft prompts (bridge) and CRM frozen, T5 tuned on L_llm.
+  parts that feed it (item memory, its CRM view, title fusion), stays fixed;
+  S2 soft prompts (bridge) and CRM frozen, T5 tuned on L_llm.
   (The paper's dynamic gradient-norm weighting of its two stage-1 tasks and its LoRA
   adapters are not implemented: fixed weights, full T5 fine-tuning.)
 """
@@ -41,9 +42,9 @@ class Stage:
 
 # The bridge parts on the LLM's side only: soft prompts, the item head, item tokens and the
 # memory's LLM view. The rest of the bridge (the item memory itself, its CRM view, the title
-# fusion) builds the CRM's item embeddings, so a stage that keeps the CRM frozen must keep
-# them frozen too, or the "frozen" CRM's scores still move (its tower's weights would not).
-# A regular expression, so that the optional parts may be absent.
+# fusion) builds the CRM's item embeddings, so a stage that keeps the CRM frozen keeps them
+# frozen too. (With title fusion the CRM also reads T5's title encodings, which still move
+# where T5 trains.) A regular expression, so that the optional parts may be absent.
 LLM_SIDE_BRIDGE = r"bridge/(crm_to_llm|llm_head|item_tokens|memory/to_llm|memory/user_memory)(/.*)?"
 
 # T5's token head: no loss term reaches it (the item head is the bridge's), so where T5
